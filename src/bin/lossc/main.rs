@@ -1,0 +1,234 @@
+//! The `lossc` command line: check, show, evaluate and list losses.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Parser, Subcommand};
+use lossc::{Error, Loss, Program, Tensor};
+
+mod npy;
+
+#[derive(Parser)]
+#[command(name = "lossc", version, about = "A compiler for loss functions")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Parse and check a loss; print diagnostics and exit 1 if it has errors.
+    Check { source: String },
+    /// Print the canonical form of a loss (and with --grad, of its gradients).
+    Show {
+        source: String,
+        #[arg(long)]
+        grad: bool,
+        /// Hyperparameters, as `alpha=0.3,beta=0.7`.
+        #[arg(long, default_value = "")]
+        params: String,
+    },
+    /// Evaluate a loss on .npy inputs; print the value as the last line.
+    Eval {
+        source: String,
+        #[arg(long, default_value = "")]
+        params: String,
+        /// An input, as NAME=FILE.npy (one per input of the loss).
+        #[arg(long = "input", value_name = "NAME=FILE")]
+        inputs: Vec<String>,
+        /// Write d loss / d NAME to OUT.npy.
+        #[arg(long = "grad", value_name = "NAME=OUT")]
+        grads: Vec<String>,
+        #[arg(long, default_value = "interp", value_parser = ["interp"])]
+        backend: String,
+    },
+    /// List the standard losses with their signatures.
+    List,
+    /// Evaluate every stdlib loss and its gradient on a built-in synthetic batch.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Check { source } => check(&source),
+        Command::Show {
+            source,
+            grad,
+            params,
+        } => show(&source, grad, &params),
+        Command::Eval {
+            source,
+            params,
+            inputs,
+            grads,
+            backend: _,
+        } => eval(&source, &params, &inputs, &grads),
+        Command::List => {
+            list();
+            Ok(())
+        }
+        Command::Demo => demo(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprint!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A failure of the command, already rendered for a person.
+struct Failure(String);
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Self {
+        Failure(e.render())
+    }
+}
+
+/// SOURCE is a stdlib name, a path to a `.loss` file, or a bare expression.
+fn program(source: &str) -> Result<Program, Failure> {
+    let path = Path::new(source);
+    if lossc::stdlib::stdlib().get(source).is_none()
+        && (source.ends_with(".loss") || path.is_file())
+    {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Failure(format!("error: cannot read {source}: {e}\n")))?;
+        return Ok(Program::parse(source, &text)?);
+    }
+    Ok(Program::parse("<expr>", source)?)
+}
+
+fn compile(source: &str, params: &str) -> Result<Loss, Failure> {
+    Ok(program(source)?.compile(&lossc::parse_params(params)?)?)
+}
+
+fn check(source: &str) -> Result<(), Failure> {
+    let loss = compile(source, "")?;
+    let names: Vec<&str> = loss.inputs().iter().map(|i| i.name.as_str()).collect();
+    println!("ok: {} takes {}", loss.name(), names.join(", "));
+    Ok(())
+}
+
+fn show(source: &str, grad: bool, params: &str) -> Result<(), Failure> {
+    let loss = compile(source, params)?;
+    print!("{}", if grad { loss.show_grad() } else { loss.show() });
+    Ok(())
+}
+
+fn eval(source: &str, params: &str, inputs: &[String], grads: &[String]) -> Result<(), Failure> {
+    let loss = compile(source, params)?;
+    let split = |s: &str| -> Result<(String, String), Failure> {
+        s.split_once('=')
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .ok_or_else(|| Failure(format!("error: expected NAME=FILE, found `{s}`\n")))
+    };
+    let mut given: Vec<Option<npy::Array>> = vec![None; loss.inputs().len()];
+    for item in inputs {
+        let (name, file) = split(item)?;
+        let Some(i) = loss.inputs().iter().position(|s| s.name == name) else {
+            return Err(Failure(format!(
+                "error: `{}` has no input `{name}`\n",
+                loss.name()
+            )));
+        };
+        given[i] = Some(
+            npy::read(Path::new(&file)).map_err(|e| Failure(format!("error: {file}: {e}\n")))?,
+        );
+    }
+    let mut arrays = Vec::new();
+    for (spec, g) in loss.inputs().iter().zip(given) {
+        arrays.push(
+            g.ok_or_else(|| Failure(format!("error: missing --input {}=FILE.npy\n", spec.name)))?,
+        );
+    }
+    let tensors: Vec<&Tensor> = arrays.iter().map(|a| &a.tensor).collect();
+    if grads.is_empty() {
+        println!("{:?}", loss.eval(&tensors)?);
+        return Ok(());
+    }
+    let (value, gradients) = loss.eval_grad(&tensors)?;
+    for item in grads {
+        let (name, file) = split(item)?;
+        let Some(i) = loss.inputs().iter().position(|s| s.name == name) else {
+            return Err(Failure(format!(
+                "error: `{}` has no input `{name}`\n",
+                loss.name()
+            )));
+        };
+        npy::write(Path::new(&file), &gradients[i], &arrays[i])
+            .map_err(|e| Failure(format!("error: cannot write {file}: {e}\n")))?;
+    }
+    println!("{value:?}");
+    Ok(())
+}
+
+/// The stdlib definitions that are losses (reduce to a scalar), and the helpers that are not.
+fn stdlib_losses() -> (
+    Vec<(&'static lossc::syntax::ast::LossDef, Loss)>,
+    Vec<&'static lossc::syntax::ast::LossDef>,
+) {
+    let mut losses = Vec::new();
+    let mut helpers = Vec::new();
+    for def in &lossc::stdlib::stdlib().defs {
+        match Loss::compile(&def.name.name, "") {
+            Ok(l) => losses.push((def, l)),
+            Err(_) => helpers.push(def),
+        }
+    }
+    (losses, helpers)
+}
+
+fn list() {
+    let (losses, helpers) = stdlib_losses();
+    for (def, _) in &losses {
+        println!(
+            "{:<64} {}",
+            lossc::check::signature(def),
+            def.doc.first().map_or("", String::as_str)
+        );
+    }
+    println!("\nhelpers (not scalar losses, callable from others):");
+    for def in helpers {
+        println!(
+            "{:<64} {}",
+            lossc::check::signature(def),
+            def.doc.first().map_or("", String::as_str)
+        );
+    }
+}
+
+fn demo() -> Result<(), Failure> {
+    let ext = [2, 3, 4096];
+    println!("every stdlib loss on a synthetic batch [batch, class, spatial] = {ext:?}, f64 reference evaluator\n");
+    println!(
+        "{:<26} {:>14} {:>12} {:>10}",
+        "loss", "value", "max |grad|", "ms"
+    );
+    let mut rng = lossc::synth::Rng::new(7);
+    for (def, loss) in stdlib_losses().0 {
+        let inputs = lossc::synth::inputs(loss.inputs(), ext, &mut rng);
+        let refs: Vec<&Tensor> = inputs.iter().collect();
+        let start = Instant::now();
+        let (value, grads) = loss.eval_grad(&refs)?;
+        let ms = start.elapsed().as_secs_f64() * 1e3;
+        let gmax = grads
+            .iter()
+            .flat_map(|g| &g.data)
+            .fold(0.0f64, |m, v| m.max(v.abs()));
+        println!(
+            "{:<26} {value:>14.8} {gmax:>12.3e} {ms:>10.1}",
+            def.name.name
+        );
+    }
+    Ok(())
+}

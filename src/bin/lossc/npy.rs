@@ -1,0 +1,150 @@
+//! .npy files to and from `[batch, class, spatial]` tensors.
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter};
+use std::path::Path;
+
+use lossc::Tensor;
+use npyz::{DType, NpyFile, TypeChar, WriterBuilder};
+
+/// An array read from a file, with what is needed to write a gradient like it.
+#[derive(Clone)]
+pub struct Array {
+    pub tensor: Tensor,
+    pub shape: Vec<u64>,
+    pub float64: bool,
+}
+
+/// ndim 0 and 1 are `[1, 1, n]`, ndim 2 `[d0, d1, 1]`, ndim >= 3 `[d0, d1, prod(rest)]`.
+fn to_bcs(shape: &[u64]) -> Result<[usize; 3], String> {
+    let n = |v: u64| usize::try_from(v).map_err(|_| format!("dimension {v} is too large"));
+    Ok(match shape {
+        [] => [1, 1, 1],
+        [a] => [1, 1, n(*a)?],
+        [a, b] => [n(*a)?, n(*b)?, 1],
+        [a, b, rest @ ..] => {
+            let s = rest
+                .iter()
+                .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+                .ok_or("shape overflows")?;
+            [n(*a)?, n(*b)?, n(s)?]
+        }
+    })
+}
+
+pub fn read(path: &Path) -> Result<Array, String> {
+    let file = File::open(path).map_err(|e| e.to_string())?;
+    let npy = NpyFile::new(BufReader::new(file)).map_err(|e| e.to_string())?;
+    if npy.order() == npyz::Order::Fortran {
+        return Err("Fortran-order arrays are not supported; save a C-order array".into());
+    }
+    let shape = npy.shape().to_vec();
+    let bcs = to_bcs(&shape)?;
+    let DType::Plain(ts) = npy.dtype() else {
+        return Err("only plain numeric dtypes are supported".into());
+    };
+    let size = ts.size_field();
+    let err = |e: std::io::Error| e.to_string();
+    let (data, float64): (Vec<f64>, bool) = match (ts.type_char(), size) {
+        (TypeChar::Float, 4) => (
+            npy.into_vec::<f32>()
+                .map_err(err)?
+                .into_iter()
+                .map(f64::from)
+                .collect(),
+            false,
+        ),
+        (TypeChar::Float, 8) => (npy.into_vec::<f64>().map_err(err)?, true),
+        (TypeChar::Int, 1) => (
+            npy.into_vec::<i8>()
+                .map_err(err)?
+                .into_iter()
+                .map(f64::from)
+                .collect(),
+            false,
+        ),
+        (TypeChar::Int, 2) => (
+            npy.into_vec::<i16>()
+                .map_err(err)?
+                .into_iter()
+                .map(f64::from)
+                .collect(),
+            false,
+        ),
+        (TypeChar::Int, 4) => (
+            npy.into_vec::<i32>()
+                .map_err(err)?
+                .into_iter()
+                .map(f64::from)
+                .collect(),
+            false,
+        ),
+        (TypeChar::Int, 8) => (
+            npy.into_vec::<i64>()
+                .map_err(err)?
+                .into_iter()
+                .map(|v| v as f64)
+                .collect(),
+            false,
+        ),
+        (TypeChar::Uint, 1) | (TypeChar::Bool, 1) => (
+            npy.into_vec::<u8>()
+                .map_err(err)?
+                .into_iter()
+                .map(f64::from)
+                .collect(),
+            false,
+        ),
+        (TypeChar::Uint, 4) => (
+            npy.into_vec::<u32>()
+                .map_err(err)?
+                .into_iter()
+                .map(f64::from)
+                .collect(),
+            false,
+        ),
+        (c, s) => {
+            return Err(format!(
+                "unsupported dtype {c:?}{s}; use float32 or float64"
+            ))
+        }
+    };
+    if data.len() != bcs.iter().product::<usize>() {
+        return Err(format!(
+            "holds {} values but its shape {shape:?} needs {}",
+            data.len(),
+            bcs.iter().product::<usize>()
+        ));
+    }
+    Ok(Array {
+        tensor: Tensor::new(bcs, data),
+        shape,
+        float64,
+    })
+}
+
+/// Writes `grad` with the shape of `like`: float64 for a float64 input, float32 otherwise.
+pub fn write(path: &Path, grad: &Tensor, like: &Array) -> Result<(), String> {
+    let file = BufWriter::new(File::create(path).map_err(|e| e.to_string())?);
+    let err = |e: std::io::Error| e.to_string();
+    if like.float64 {
+        let mut w = npyz::WriteOptions::new()
+            .default_dtype()
+            .shape(&like.shape)
+            .writer(file)
+            .begin_nd()
+            .map_err(err)?;
+        w.extend(grad.data.iter().copied()).map_err(err)?;
+        w.finish().map_err(err)?;
+    } else {
+        let mut w = npyz::WriteOptions::new()
+            .default_dtype()
+            .shape(&like.shape)
+            .writer(file)
+            .begin_nd()
+            .map_err(err)?;
+        w.extend(grad.data.iter().map(|&v| v as f32)).map_err(err)?;
+        w.finish().map_err(err)?;
+    }
+    Ok(())
+}

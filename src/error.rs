@@ -1,0 +1,26 @@
+//! The library's error type: what went wrong, as a value.
+
+use crate::diag::Diagnostics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Parse and check errors, with spans into the sources.
+    #[error("{0}")]
+    Source(Diagnostics),
+    /// `--params k=v` names a hyperparameter the loss does not have, or is malformed.
+    #[error("{0}")]
+    Params(String),
+    /// Inputs of the wrong number, shape or size.
+    #[error("{0}")]
+    Shape(String),
+}
+
+impl Error {
+    /// The full report for a person: for source errors, the underlined source lines.
+    pub fn render(&self) -> String {
+        match self {
+            Error::Source(d) => d.render(),
+            other => format!("error: {other}\n"),
+        }
+    }
+}

@@ -1,0 +1,369 @@
+//! The Rust API: compile a loss once, evaluate it many times.
+//!
+//! `Program` is a parsed source (parse once, compile with different
+//! hyperparameters without re-parsing); `Loss` is one compiled loss with its
+//! gradient graph, ready to evaluate.
+
+use std::collections::HashMap;
+
+use crate::backend::interp;
+use crate::check::{self, Entry, Env, InputSpec};
+use crate::diag::{Diagnostic, Diagnostics, FileId, SourceFile};
+use crate::error::Error;
+use crate::ir::{print_graph, Graph, NodeId, Op};
+use crate::stdlib::stdlib;
+use crate::syntax::{self, ast::SourceItem};
+use crate::tensor::Tensor;
+
+/// A parsed source: a stdlib name, a bare expression, or loss definitions.
+pub struct Program {
+    /// The user's source (file 0) followed by the stdlib files.
+    files: Vec<SourceFile>,
+    item: Option<SourceItem>,
+    /// The entry's name: the stdlib loss, the last definition, or `expr` for a bare expression.
+    name: String,
+}
+
+impl Program {
+    /// Parses `text`; `file_name` is how diagnostics refer to it.
+    /// A text that is exactly a stdlib loss's name selects that loss.
+    pub fn parse(file_name: &str, text: &str) -> Result<Program, Error> {
+        let mut files = vec![SourceFile::new(file_name, text)];
+        files.extend(stdlib().files.iter().cloned());
+        let fail = |d: Diagnostic, files: Vec<SourceFile>| {
+            Error::Source(Diagnostics {
+                items: vec![d],
+                files,
+            })
+        };
+        let trimmed = text.trim();
+        if stdlib().get(trimmed).is_some() {
+            return Ok(Program {
+                files,
+                item: None,
+                name: trimmed.to_string(),
+            });
+        }
+        let item = match syntax::parse(text, FileId(0)) {
+            Ok(item) => item,
+            Err(d) => return Err(fail(d, files)),
+        };
+        let name = match &item {
+            SourceItem::Expr(_) => "expr".to_string(),
+            SourceItem::Defs(defs) => {
+                let mut seen = HashMap::new();
+                for d in defs {
+                    if seen.insert(d.name.name.as_str(), ()).is_some() {
+                        let diag = Diagnostic::new(
+                            "check::duplicate_definition",
+                            d.name.span,
+                            format!("`{}` is defined twice", d.name.name),
+                        )
+                        .label("second definition");
+                        return Err(fail(diag, files));
+                    }
+                }
+                defs.last()
+                    .expect("invariant: the grammar requires one definition")
+                    .name
+                    .name
+                    .clone()
+            }
+        };
+        Ok(Program {
+            files,
+            item: Some(item),
+            name,
+        })
+    }
+
+    /// The entry loss's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Compiles with hyperparameter overrides: check, simplify, differentiate.
+    pub fn compile(&self, params: &[(String, f64)]) -> Result<Loss, Error> {
+        let mut env = Env {
+            losses: stdlib()
+                .defs
+                .iter()
+                .map(|d| (d.name.name.as_str(), d))
+                .collect(),
+        };
+        let entry = match &self.item {
+            None => Entry::Def(
+                stdlib()
+                    .get(&self.name)
+                    .expect("invariant: the name was looked up"),
+            ),
+            Some(SourceItem::Expr(e)) => Entry::Expr(e),
+            Some(SourceItem::Defs(defs)) => {
+                for d in defs {
+                    env.losses.insert(d.name.name.as_str(), d);
+                }
+                Entry::Def(defs.last().expect("invariant: one definition at least"))
+            }
+        };
+        let known: Vec<String> = match &entry {
+            Entry::Def(d) => d.hypers.iter().map(|h| h.name.name.clone()).collect(),
+            Entry::Expr(_) => vec![],
+        };
+        let mut overrides = HashMap::new();
+        for (k, v) in params {
+            if !known.contains(k) {
+                let list = if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                };
+                return Err(Error::Params(format!(
+                    "unknown parameter `{k}` for `{}`; its hyperparameters are: {list}",
+                    self.name
+                )));
+            }
+            overrides.insert(k.clone(), *v);
+        }
+        let lowered = check::lower(&env, entry, &overrides).map_err(|d| {
+            Error::Source(Diagnostics {
+                items: vec![d],
+                files: self.files.clone(),
+            })
+        })?;
+        Ok(Loss::from_lowered(&self.name, lowered))
+    }
+}
+
+/// One compiled loss: its graph, the gradient of each input, and how to run them.
+/// Immutable after compilation, so it can be shared across threads.
+#[derive(Clone, Debug)]
+pub struct Loss {
+    name: String,
+    graph: Graph,
+    root: NodeId,
+    /// d loss / d input, `None` where the loss does not depend on the input.
+    grads: Vec<Option<NodeId>>,
+    inputs: Vec<InputSpec>,
+    hypers: Vec<(String, f64)>,
+}
+
+impl Loss {
+    /// Compiles a stdlib name, bare expression or loss definitions, with
+    /// hyperparameters given as `"alpha=0.3,beta=0.7"` (or `""`).
+    pub fn compile(source: &str, params: &str) -> Result<Loss, Error> {
+        Program::parse("<source>", source)?.compile(&parse_params(params)?)
+    }
+
+    fn from_lowered(name: &str, lowered: check::Lowered) -> Loss {
+        let (mut g, roots) = lowered.graph.rebuild(&[lowered.root], true);
+        let root = roots[0];
+        let mut input_nodes = vec![None; lowered.inputs.len()];
+        for id in g.reachable(&[root]) {
+            if let Op::Input { index, .. } = g.node(id).op {
+                input_nodes[index as usize] = Some(id);
+            }
+        }
+        let present: Vec<NodeId> = input_nodes.iter().flatten().copied().collect();
+        let mut grads_present = crate::autodiff::differentiate(&mut g, root, &present).into_iter();
+        let grads: Vec<Option<NodeId>> = input_nodes
+            .iter()
+            .map(|n| n.and_then(|_| grads_present.next().expect("invariant: one per input")))
+            .collect();
+        // Drop what the differentiator built but nothing uses.
+        let mut all = vec![root];
+        all.extend(grads.iter().flatten());
+        let (graph, new) = g.rebuild(&all, true);
+        let mut new = new.into_iter();
+        let root = new.next().expect("invariant: root");
+        let grads = grads
+            .iter()
+            .map(|g| g.map(|_| new.next().expect("invariant: one per gradient")))
+            .collect();
+        Loss {
+            name: name.to_string(),
+            graph,
+            root,
+            grads,
+            inputs: lowered.inputs,
+            hypers: lowered.hypers,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn inputs(&self) -> &[InputSpec] {
+        &self.inputs
+    }
+    pub fn hyperparameters(&self) -> &[(String, f64)] {
+        &self.hypers
+    }
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+    pub fn root(&self) -> NodeId {
+        self.root
+    }
+    pub fn gradient_nodes(&self) -> &[Option<NodeId>] {
+        &self.grads
+    }
+
+    fn header(&self) -> String {
+        let inputs: Vec<String> = self.inputs.iter().map(|i| i.name.clone()).collect();
+        let hypers: Vec<String> = self
+            .hypers
+            .iter()
+            .map(|(k, v)| format!("{k} = {}", crate::ir::format_number(*v)))
+            .collect();
+        if hypers.is_empty() {
+            format!("loss {}({})\n", self.name, inputs.join(", "))
+        } else {
+            format!(
+                "loss {}({}; {})\n",
+                self.name,
+                inputs.join(", "),
+                hypers.join(", ")
+            )
+        }
+    }
+
+    fn input_names(&self) -> Vec<String> {
+        self.inputs.iter().map(|i| i.name.clone()).collect()
+    }
+
+    /// The canonical printed form of the loss.
+    pub fn show(&self) -> String {
+        self.header() + &print_graph(&self.graph, &[("loss", self.root)], &self.input_names()).body
+    }
+
+    /// The canonical form of the loss and its gradient with respect to each input.
+    pub fn show_grad(&self) -> String {
+        let labels: Vec<String> = self
+            .inputs
+            .iter()
+            .map(|i| format!("d/d{}", i.name))
+            .collect();
+        let mut roots = vec![("loss", self.root)];
+        let mut zero = Vec::new();
+        for (label, g) in labels.iter().zip(&self.grads) {
+            match g {
+                Some(g) => roots.push((label.as_str(), *g)),
+                None => zero.push(format!("  {label} = 0\n")),
+            }
+        }
+        self.header() + &print_graph(&self.graph, &roots, &self.input_names()).body + &zero.concat()
+    }
+
+    /// The broadcast `[batch, class, spatial]` extents of these input shapes,
+    /// or an error that names the input, both shapes and the rule.
+    pub fn extents(&self, shapes: &[[usize; 3]]) -> Result<[usize; 3], Error> {
+        if shapes.len() != self.inputs.len() {
+            let names: Vec<&str> = self.inputs.iter().map(|i| i.name.as_str()).collect();
+            return Err(Error::Shape(format!(
+                "`{}` takes {} inputs ({}), but {} were given",
+                self.name,
+                self.inputs.len(),
+                names.join(", "),
+                shapes.len()
+            )));
+        }
+        let mut ext = [1usize; 3];
+        for (spec, shape) in self.inputs.iter().zip(shapes) {
+            if shape.contains(&0) {
+                return Err(Error::Shape(format!(
+                    "input `{}` is empty: shape {shape:?}",
+                    spec.name
+                )));
+            }
+            for (axis, (e, &n)) in ext.iter_mut().zip(shape).enumerate() {
+                if n > 1 && !spec.axes.has_index(axis) {
+                    return Err(Error::Shape(format!(
+                        "input `{}` has shape {shape:?} ([batch, class, spatial]), but it may vary only over {}: its {} extent must be 1",
+                        spec.name,
+                        spec.axes,
+                        crate::ir::AXES[axis].1
+                    )));
+                }
+                *e = (*e).max(n);
+            }
+        }
+        for (spec, shape) in self.inputs.iter().zip(shapes) {
+            for axis in 0..3 {
+                if shape[axis] != 1 && shape[axis] != ext[axis] {
+                    let other = self
+                        .inputs
+                        .iter()
+                        .zip(shapes)
+                        .find(|(_, s)| s[axis] == ext[axis])
+                        .map_or("?", |(i, _)| i.name.as_str());
+                    return Err(Error::Shape(format!(
+                        "input `{}` has shape {shape:?} but `{other}` has {} along {} ({:?} expected): each axis of [batch, class, spatial] must match across inputs or be 1 (broadcast)",
+                        spec.name,
+                        ext[axis],
+                        crate::ir::AXES[axis].1,
+                        expected_shape(ext, spec.axes),
+                    )));
+                }
+            }
+        }
+        Ok(ext)
+    }
+
+    /// The loss value, by the f64 reference evaluator.
+    pub fn eval(&self, inputs: &[&Tensor]) -> Result<f64, Error> {
+        let ext = self.extents(&inputs.iter().map(|t| t.shape).collect::<Vec<_>>())?;
+        Ok(interp::evaluate(&self.graph, &[self.root], inputs, ext)[0].data[0])
+    }
+
+    /// The loss value and the gradient for every input (shaped like the input),
+    /// by the f64 reference evaluator.
+    pub fn eval_grad(&self, inputs: &[&Tensor]) -> Result<(f64, Vec<Tensor>), Error> {
+        let ext = self.extents(&inputs.iter().map(|t| t.shape).collect::<Vec<_>>())?;
+        let mut roots = vec![self.root];
+        roots.extend(self.grads.iter().flatten());
+        let values = interp::evaluate(&self.graph, &roots, inputs, ext);
+        let mut values = values.into_iter();
+        let loss = values.next().expect("invariant: root value").data[0];
+        let grads = self
+            .grads
+            .iter()
+            .zip(inputs)
+            .map(|(g, input)| match g {
+                Some(_) => values
+                    .next()
+                    .expect("invariant: one per gradient")
+                    .fit_to(input.shape),
+                None => Tensor::filled(input.shape, 0.0),
+            })
+            .collect();
+        Ok((loss, grads))
+    }
+}
+
+fn expected_shape(ext: [usize; 3], axes: crate::ir::AxisSet) -> [usize; 3] {
+    std::array::from_fn(|i| if axes.has_index(i) { ext[i] } else { 1 })
+}
+
+/// `"alpha=0.3, beta=0.7"` as pairs.
+pub fn parse_params(text: &str) -> Result<Vec<(String, f64)>, Error> {
+    let mut out = Vec::new();
+    for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let Some((k, v)) = item.split_once('=') else {
+            return Err(Error::Params(format!(
+                "expected `name=value` in the parameter list, found `{item}`"
+            )));
+        };
+        let v: f64 = v
+            .trim()
+            .parse()
+            .map_err(|_| Error::Params(format!("`{}` is not a number (in `{item}`)", v.trim())))?;
+        if !v.is_finite() {
+            return Err(Error::Params(format!(
+                "parameter `{}` must be finite, found {v}",
+                k.trim()
+            )));
+        }
+        out.push((k.trim().to_string(), v));
+    }
+    Ok(out)
+}
