@@ -128,27 +128,17 @@ fn local_gradients(g: &mut Graph, id: NodeId, a: NodeId) -> Vec<(usize, NodeId)>
             let cmp = if n.op == Op::Min { Op::Le } else { Op::Ge };
             let first = b.op(cmp, &[x0, x1]);
             let zero = b.c(0.0);
-            vec![
-                (0, b.op(Op::Select, &[first, a, zero])),
-                (1, b.op(Op::Select, &[first, zero, a])),
-            ]
+            vec![(0, b.op(Op::Select, &[first, a, zero])), (1, b.op(Op::Select, &[first, zero, a]))]
         }
         Op::Select => {
             let zero = b.c(0.0);
             let c = n.args[0];
-            vec![
-                (1, b.op(Op::Select, &[c, a, zero])),
-                (2, b.op(Op::Select, &[c, zero, a])),
-            ]
+            vec![(1, b.op(Op::Select, &[c, a, zero])), (2, b.op(Op::Select, &[c, zero, a]))]
         }
         Op::Sum(over) => {
             // Summing a broadcast value over an axis it does not vary over counts it extent times.
             let arg = b.g.node(x0);
-            let missing = if arg.space == Space::Elements {
-                over.minus(arg.axes)
-            } else {
-                AxisSet::NONE
-            };
+            let missing = if arg.space == Space::Elements { over.minus(arg.axes) } else { AxisSet::NONE };
             if missing.is_empty() {
                 vec![(0, a)]
             } else {

@@ -25,10 +25,7 @@ pub struct SourceFile {
 
 impl SourceFile {
     pub fn new(name: impl Into<String>, text: impl Into<Arc<str>>) -> Self {
-        SourceFile {
-            name: name.into(),
-            text: text.into(),
-        }
+        SourceFile { name: name.into(), text: text.into() }
     }
 
     /// 1-based line and column (in characters) of a byte offset.
@@ -63,14 +60,7 @@ pub struct Diagnostic {
 
 impl Diagnostic {
     pub fn new(code: &'static str, span: Span, message: impl Into<String>) -> Self {
-        Diagnostic {
-            code,
-            message: message.into(),
-            span,
-            label: String::new(),
-            notes: vec![],
-            help: None,
-        }
+        Diagnostic { code, message: message.into(), span, label: String::new(), notes: vec![], help: None }
     }
     pub fn label(mut self, label: impl Into<String>) -> Self {
         self.label = label.into();
@@ -139,15 +129,8 @@ impl Diagnostics {
             if let Some(h) = &d.help {
                 report = report.with_help(h);
             }
-            let cache = ariadne::sources(
-                self.files
-                    .iter()
-                    .map(|f| (f.name.clone(), f.text.to_string())),
-            );
-            report
-                .finish()
-                .write(cache, &mut out)
-                .expect("invariant: writing a report to a Vec cannot fail");
+            let cache = ariadne::sources(self.files.iter().map(|f| (f.name.clone(), f.text.to_string())));
+            report.finish().write(cache, &mut out).expect("invariant: writing a report to a Vec cannot fail");
         }
         String::from_utf8_lossy(&out).into_owned()
     }

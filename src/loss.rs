@@ -30,19 +30,10 @@ impl Program {
     pub fn parse(file_name: &str, text: &str) -> Result<Program, Error> {
         let mut files = vec![SourceFile::new(file_name, text)];
         files.extend(stdlib().files.iter().cloned());
-        let fail = |d: Diagnostic, files: Vec<SourceFile>| {
-            Error::Source(Diagnostics {
-                items: vec![d],
-                files,
-            })
-        };
+        let fail = |d: Diagnostic, files: Vec<SourceFile>| Error::Source(Diagnostics { items: vec![d], files });
         let trimmed = text.trim();
         if stdlib().get(trimmed).is_some() {
-            return Ok(Program {
-                files,
-                item: None,
-                name: trimmed.to_string(),
-            });
+            return Ok(Program { files, item: None, name: trimmed.to_string() });
         }
         let item = match syntax::parse(text, FileId(0)) {
             Ok(item) => item,
@@ -63,18 +54,10 @@ impl Program {
                         return Err(fail(diag, files));
                     }
                 }
-                defs.last()
-                    .expect("invariant: the grammar requires one definition")
-                    .name
-                    .name
-                    .clone()
+                defs.last().expect("invariant: the grammar requires one definition").name.name.clone()
             }
         };
-        Ok(Program {
-            files,
-            item: Some(item),
-            name,
-        })
+        Ok(Program { files, item: Some(item), name })
     }
 
     /// The entry loss's name.
@@ -84,23 +67,14 @@ impl Program {
 
     /// Compiles with hyperparameter overrides: check, simplify, differentiate.
     pub fn compile(&self, params: &[(String, f64)]) -> Result<Loss, Error> {
-        let mut env = Env {
-            losses: stdlib()
-                .defs
-                .iter()
-                .map(|d| (d.name.name.as_str(), d))
-                .collect(),
-        };
+        let mut env =
+            Env { user: HashMap::new(), stdlib: stdlib().defs.iter().map(|d| (d.name.name.as_str(), d)).collect() };
         let entry = match &self.item {
-            None => Entry::Def(
-                stdlib()
-                    .get(&self.name)
-                    .expect("invariant: the name was looked up"),
-            ),
+            None => Entry::Def(stdlib().get(&self.name).expect("invariant: the name was looked up")),
             Some(SourceItem::Expr(e)) => Entry::Expr(e),
             Some(SourceItem::Defs(defs)) => {
                 for d in defs {
-                    env.losses.insert(d.name.name.as_str(), d);
+                    env.user.insert(d.name.name.as_str(), d);
                 }
                 Entry::Def(defs.last().expect("invariant: one definition at least"))
             }
@@ -112,24 +86,20 @@ impl Program {
         let mut overrides = HashMap::new();
         for (k, v) in params {
             if !known.contains(k) {
-                let list = if known.is_empty() {
-                    "none".to_string()
-                } else {
-                    known.join(", ")
-                };
+                let list = if known.is_empty() { "none".to_string() } else { known.join(", ") };
+                let hint = check::closest(k, known.iter().map(String::as_str))
+                    .map_or(String::new(), |s| format!(" (did you mean `{s}`?)"));
                 return Err(Error::Params(format!(
-                    "unknown parameter `{k}` for `{}`; its hyperparameters are: {list}",
+                    "unknown parameter `{k}` for `{}`{hint}; its hyperparameters are: {list}",
                     self.name
                 )));
             }
-            overrides.insert(k.clone(), *v);
+            if overrides.insert(k.clone(), *v).is_some() {
+                return Err(Error::Params(format!("parameter `{k}` is given twice")));
+            }
         }
-        let lowered = check::lower(&env, entry, &overrides).map_err(|d| {
-            Error::Source(Diagnostics {
-                items: vec![d],
-                files: self.files.clone(),
-            })
-        })?;
+        let lowered = check::lower(&env, entry, &overrides)
+            .map_err(|d| Error::Source(Diagnostics { items: vec![d], files: self.files.clone() }))?;
         Ok(Loss::from_lowered(&self.name, lowered))
     }
 }
@@ -175,18 +145,8 @@ impl Loss {
         let (graph, new) = g.rebuild(&all, true);
         let mut new = new.into_iter();
         let root = new.next().expect("invariant: root");
-        let grads = grads
-            .iter()
-            .map(|g| g.map(|_| new.next().expect("invariant: one per gradient")))
-            .collect();
-        Loss {
-            name: name.to_string(),
-            graph,
-            root,
-            grads,
-            inputs: lowered.inputs,
-            hypers: lowered.hypers,
-        }
+        let grads = grads.iter().map(|g| g.map(|_| new.next().expect("invariant: one per gradient"))).collect();
+        Loss { name: name.to_string(), graph, root, grads, inputs: lowered.inputs, hypers: lowered.hypers }
     }
 
     pub fn name(&self) -> &str {
@@ -210,20 +170,12 @@ impl Loss {
 
     fn header(&self) -> String {
         let inputs: Vec<String> = self.inputs.iter().map(|i| i.name.clone()).collect();
-        let hypers: Vec<String> = self
-            .hypers
-            .iter()
-            .map(|(k, v)| format!("{k} = {}", crate::ir::format_number(*v)))
-            .collect();
+        let hypers: Vec<String> =
+            self.hypers.iter().map(|(k, v)| format!("{k} = {}", crate::ir::format_number(*v))).collect();
         if hypers.is_empty() {
             format!("loss {}({})\n", self.name, inputs.join(", "))
         } else {
-            format!(
-                "loss {}({}; {})\n",
-                self.name,
-                inputs.join(", "),
-                hypers.join(", ")
-            )
+            format!("loss {}({}; {})\n", self.name, inputs.join(", "), hypers.join(", "))
         }
     }
 
@@ -238,11 +190,7 @@ impl Loss {
 
     /// The canonical form of the loss and its gradient with respect to each input.
     pub fn show_grad(&self) -> String {
-        let labels: Vec<String> = self
-            .inputs
-            .iter()
-            .map(|i| format!("d/d{}", i.name))
-            .collect();
+        let labels: Vec<String> = self.inputs.iter().map(|i| format!("d/d{}", i.name)).collect();
         let mut roots = vec![("loss", self.root)];
         let mut zero = Vec::new();
         for (label, g) in labels.iter().zip(&self.grads) {
@@ -270,10 +218,7 @@ impl Loss {
         let mut ext = [1usize; 3];
         for (spec, shape) in self.inputs.iter().zip(shapes) {
             if shape.contains(&0) {
-                return Err(Error::Shape(format!(
-                    "input `{}` is empty: shape {shape:?}",
-                    spec.name
-                )));
+                return Err(Error::Shape(format!("input `{}` is empty: shape {shape:?}", spec.name)));
             }
             for (axis, (e, &n)) in ext.iter_mut().zip(shape).enumerate() {
                 if n > 1 && !spec.axes.has_index(axis) {
@@ -329,10 +274,7 @@ impl Loss {
             .iter()
             .zip(inputs)
             .map(|(g, input)| match g {
-                Some(_) => values
-                    .next()
-                    .expect("invariant: one per gradient")
-                    .fit_to(input.shape),
+                Some(_) => values.next().expect("invariant: one per gradient").fit_to(input.shape),
                 None => Tensor::filled(input.shape, 0.0),
             })
             .collect();
@@ -349,19 +291,12 @@ pub fn parse_params(text: &str) -> Result<Vec<(String, f64)>, Error> {
     let mut out = Vec::new();
     for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let Some((k, v)) = item.split_once('=') else {
-            return Err(Error::Params(format!(
-                "expected `name=value` in the parameter list, found `{item}`"
-            )));
+            return Err(Error::Params(format!("expected `name=value` in the parameter list, found `{item}`")));
         };
-        let v: f64 = v
-            .trim()
-            .parse()
-            .map_err(|_| Error::Params(format!("`{}` is not a number (in `{item}`)", v.trim())))?;
+        let v: f64 =
+            v.trim().parse().map_err(|_| Error::Params(format!("`{}` is not a number (in `{item}`)", v.trim())))?;
         if !v.is_finite() {
-            return Err(Error::Params(format!(
-                "parameter `{}` must be finite, found {v}",
-                k.trim()
-            )));
+            return Err(Error::Params(format!("parameter `{}` must be finite, found {v}", k.trim())));
         }
         out.push((k.trim().to_string(), v));
     }

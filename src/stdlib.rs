@@ -16,20 +16,11 @@ const FILES: &[(&str, &str)] = &[
     ("tversky.loss", include_str!("../stdlib/tversky.loss")),
     ("combo.loss", include_str!("../stdlib/combo.loss")),
     ("mcc.loss", include_str!("../stdlib/mcc.loss")),
-    (
-        "sensitivity_specificity.loss",
-        include_str!("../stdlib/sensitivity_specificity.loss"),
-    ),
-    (
-        "unified_focal.loss",
-        include_str!("../stdlib/unified_focal.loss"),
-    ),
+    ("sensitivity_specificity.loss", include_str!("../stdlib/sensitivity_specificity.loss")),
+    ("unified_focal.loss", include_str!("../stdlib/unified_focal.loss")),
     ("boundary.loss", include_str!("../stdlib/boundary.loss")),
     ("multiclass.loss", include_str!("../stdlib/multiclass.loss")),
-    (
-        "generalized_dice.loss",
-        include_str!("../stdlib/generalized_dice.loss"),
-    ),
+    ("generalized_dice.loss", include_str!("../stdlib/generalized_dice.loss")),
     ("lovasz.loss", include_str!("../stdlib/lovasz.loss")),
     ("masked.loss", include_str!("../stdlib/masked.loss")),
 ];

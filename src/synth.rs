@@ -66,22 +66,10 @@ pub fn input(spec: &InputSpec, ext: [usize; 3], rng: &mut Rng) -> Tensor {
             }
             d
         }
-        "y" => (0..n)
-            .map(|_| f64::from(u8::from(rng.uniform() < 0.4)))
-            .collect(),
-        "t" => (0..n)
-            .map(|_| {
-                if rng.uniform() < 0.1 {
-                    -100.0
-                } else {
-                    rng.below(ext[1]) as f64
-                }
-            })
-            .collect(),
+        "y" => (0..n).map(|_| f64::from(u8::from(rng.uniform() < 0.4))).collect(),
+        "t" => (0..n).map(|_| if rng.uniform() < 0.1 { -100.0 } else { rng.below(ext[1]) as f64 }).collect(),
         "w" => (0..n).map(|_| rng.range(0.5, 2.0)).collect(),
-        "m" => (0..n)
-            .map(|_| f64::from(u8::from(rng.uniform() < 0.8)))
-            .collect(),
+        "m" => (0..n).map(|_| f64::from(u8::from(rng.uniform() < 0.8))).collect(),
         "dist" => (0..n).map(|_| rng.range(-3.0, 3.0)).collect(),
         _ => (0..n).map(|_| rng.uniform()).collect(),
     };

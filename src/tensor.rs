@@ -11,26 +11,16 @@ impl Tensor {
     /// # Panics
     /// If `data` does not hold `shape[0] * shape[1] * shape[2]` values.
     pub fn new(shape: [usize; 3], data: Vec<f64>) -> Tensor {
-        assert_eq!(
-            data.len(),
-            shape.iter().product::<usize>(),
-            "tensor data does not match shape {shape:?}"
-        );
+        assert_eq!(data.len(), shape.iter().product::<usize>(), "tensor data does not match shape {shape:?}");
         Tensor { shape, data }
     }
 
     pub fn scalar(v: f64) -> Tensor {
-        Tensor {
-            shape: [1, 1, 1],
-            data: vec![v],
-        }
+        Tensor { shape: [1, 1, 1], data: vec![v] }
     }
 
     pub fn filled(shape: [usize; 3], v: f64) -> Tensor {
-        Tensor {
-            shape,
-            data: vec![v; shape.iter().product()],
-        }
+        Tensor { shape, data: vec![v; shape.iter().product()] }
     }
 
     pub fn len(&self) -> usize {
@@ -68,8 +58,7 @@ impl Tensor {
     /// Sums over the axes where `self` is larger than `shape` (the adjoint of broadcasting),
     /// then broadcasts along the axes where `shape` is larger.
     pub fn fit_to(&self, shape: [usize; 3]) -> Tensor {
-        let reduced: [usize; 3] =
-            std::array::from_fn(|i| if shape[i] == 1 { 1 } else { self.shape[i] });
+        let reduced: [usize; 3] = std::array::from_fn(|i| if shape[i] == 1 { 1 } else { self.shape[i] });
         let mut out = Tensor::filled(reduced, 0.0);
         let ost = out.broadcast_strides();
         let [_, c_n, s_n] = self.shape;

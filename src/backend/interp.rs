@@ -40,12 +40,7 @@ impl Value {
 
 /// Evaluates `roots` on `inputs`. `extents` is the broadcast `[batch, class, spatial]`.
 /// The caller has checked that every input's shape fits the extents.
-pub fn evaluate(
-    g: &Graph,
-    roots: &[NodeId],
-    inputs: &[&Tensor],
-    extents: [usize; 3],
-) -> Vec<Tensor> {
+pub fn evaluate(g: &Graph, roots: &[NodeId], inputs: &[&Tensor], extents: [usize; 3]) -> Vec<Tensor> {
     let order = g.reachable(roots);
     let mut last_use: HashMap<NodeId, usize> = HashMap::new();
     for (step, &id) in order.iter().enumerate() {
@@ -77,17 +72,10 @@ fn eval_node(op: Op, args: &[&Value], inputs: &[&Tensor], ext: [usize; 3]) -> Va
         Op::Const(bits) => Tensor::scalar(f64::from_bits(bits)),
         Op::Input { index, .. } => inputs[index as usize].clone(),
         Op::ClassIndex => Tensor::new([1, ext[1], 1], (0..ext[1]).map(|c| c as f64).collect()),
-        Op::Extent(axes) => Tensor::scalar(
-            (0..3)
-                .filter(|&i| axes.has_index(i))
-                .map(|i| ext[i] as f64)
-                .product(),
-        ),
+        Op::Extent(axes) => Tensor::scalar((0..3).filter(|&i| axes.has_index(i)).map(|i| ext[i] as f64).product()),
         Op::Sum(over) => reduce(t(0), over, ext, sum_compensated),
         Op::LogSumExp(over) => reduce(t(0), over, ext, log_sum_exp),
-        Op::Sort { group, descending } => {
-            return Value::Permutation(sort(t(0), group, descending, ext))
-        }
+        Op::Sort { group, descending } => return Value::Permutation(sort(t(0), group, descending, ext)),
         Op::Gather => {
             let (p, v) = (args[0].permutation(), t(1).broadcast_to(ext));
             Tensor::new(ext, p.source.iter().map(|&i| v.data[i]).collect())
@@ -139,8 +127,7 @@ fn eval_node(op: Op, args: &[&Value], inputs: &[&Tensor], ext: [usize; 3]) -> Va
 
 /// Applies a scalar op with broadcasting; the result has the largest extent on each axis.
 fn elementwise(op: Op, args: &[&Tensor]) -> Tensor {
-    let shape: [usize; 3] =
-        std::array::from_fn(|i| args.iter().map(|a| a.shape[i]).max().unwrap_or(1));
+    let shape: [usize; 3] = std::array::from_fn(|i| args.iter().map(|a| a.shape[i]).max().unwrap_or(1));
     let strides: Vec<[usize; 3]> = args.iter().map(|a| a.broadcast_strides()).collect();
     let mut data = Vec::with_capacity(shape.iter().product());
     let mut scalars = [0.0; 3];
@@ -150,10 +137,7 @@ fn elementwise(op: Op, args: &[&Tensor]) -> Tensor {
                 for (k, (a, st)) in args.iter().zip(&strides).enumerate() {
                     scalars[k] = a.data[b * st[0] + c * st[1] + s * st[2]];
                 }
-                data.push(
-                    op.apply(&scalars[..args.len()])
-                        .expect("invariant: elementwise op"),
-                );
+                data.push(op.apply(&scalars[..args.len()]).expect("invariant: elementwise op"));
             }
         }
     }
@@ -162,18 +146,9 @@ fn elementwise(op: Op, args: &[&Tensor]) -> Tensor {
 
 /// Reduces over `over` with `f(values, copies)`: `copies` is how many times each
 /// value counts because the tensor is broadcast along a reduced axis.
-fn reduce(
-    x: &Tensor,
-    over: crate::ir::AxisSet,
-    ext: [usize; 3],
-    f: fn(&[f64], f64) -> f64,
-) -> Tensor {
-    let out_shape: [usize; 3] =
-        std::array::from_fn(|i| if over.has_index(i) { 1 } else { x.shape[i] });
-    let copies: f64 = (0..3)
-        .filter(|&i| over.has_index(i) && x.shape[i] == 1)
-        .map(|i| ext[i] as f64)
-        .product();
+fn reduce(x: &Tensor, over: crate::ir::AxisSet, ext: [usize; 3], f: fn(&[f64], f64) -> f64) -> Tensor {
+    let out_shape: [usize; 3] = std::array::from_fn(|i| if over.has_index(i) { 1 } else { x.shape[i] });
+    let copies: f64 = (0..3).filter(|&i| over.has_index(i) && x.shape[i] == 1).map(|i| ext[i] as f64).product();
     let mut cells: Vec<Vec<f64>> = vec![Vec::new(); out_shape.iter().product()];
     let [_, cn, sn] = x.shape;
     for (i, &v) in x.data.iter().enumerate() {
@@ -181,10 +156,7 @@ fn reduce(
         let o: [usize; 3] = std::array::from_fn(|k| if over.has_index(k) { 0 } else { idx[k] });
         cells[(o[0] * out_shape[1] + o[1]) * out_shape[2] + o[2]].push(v);
     }
-    Tensor {
-        shape: out_shape,
-        data: cells.iter().map(|c| f(c, copies)).collect(),
-    }
+    Tensor { shape: out_shape, data: cells.iter().map(|c| f(c, copies)).collect() }
 }
 
 /// Neumaier's compensated sum, times `copies`.
@@ -192,19 +164,11 @@ fn sum_compensated(xs: &[f64], copies: f64) -> f64 {
     let (mut sum, mut comp) = (0.0f64, 0.0f64);
     for &x in xs {
         let t = sum + x;
-        comp += if sum.abs() >= x.abs() {
-            (sum - t) + x
-        } else {
-            (x - t) + sum
-        };
+        comp += if sum.abs() >= x.abs() { (sum - t) + x } else { (x - t) + sum };
         sum = t;
     }
     // An infinite or NaN sum makes the compensation NaN; the plain sum is then the answer.
-    let total = if (sum + comp).is_finite() {
-        sum + comp
-    } else {
-        sum
-    };
+    let total = if (sum + comp).is_finite() { sum + comp } else { sum };
     total * copies
 }
 

@@ -32,6 +32,15 @@ pub const NAMES: &[&str] = &[
     "prev",
 ];
 
+/// "1 was" or "3 were".
+fn given(n: usize) -> String {
+    if n == 1 {
+        "1 was".into()
+    } else {
+        format!("{n} were")
+    }
+}
+
 pub fn is_builtin(name: &str) -> bool {
     NAMES.contains(&name)
 }
@@ -57,17 +66,8 @@ struct Args<'e> {
     named: HashMap<&'static str, &'e Expr>,
 }
 
-fn split_args<'e>(
-    func: &Ident,
-    args: &'e [Arg],
-    span: Span,
-    count: usize,
-    names: &[&'static str],
-) -> R<Args<'e>> {
-    let mut out = Args {
-        positional: vec![],
-        named: HashMap::new(),
-    };
+fn split_args<'e>(func: &Ident, args: &'e [Arg], span: Span, count: usize, names: &[&'static str]) -> R<Args<'e>> {
+    let mut out = Args { positional: vec![], named: HashMap::new() };
     for a in args {
         match &a.name {
             None => out.positional.push(&a.value),
@@ -76,14 +76,7 @@ fn split_args<'e>(
                     let accepted = if names.is_empty() {
                         "it takes no named arguments".to_string()
                     } else {
-                        format!(
-                            "it accepts {}",
-                            names
-                                .iter()
-                                .map(|n| format!("`{n}`"))
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        )
+                        format!("it accepts {}", names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", "))
                     };
                     let mut d = Diagnostic::new(
                         "check::unknown_argument",
@@ -113,11 +106,7 @@ fn split_args<'e>(
         return Err(Diagnostic::new(
             "check::arity",
             span,
-            format!(
-                "`{}` takes {count} argument{plural}, but {} were given",
-                func.name,
-                out.positional.len()
-            ),
+            format!("`{}` takes {count} argument{plural}, but {} given", func.name, given(out.positional.len())),
         )
         .label(format!("expected {count} argument{plural}")));
     }
@@ -126,13 +115,7 @@ fn split_args<'e>(
 
 impl Lowerer<'_> {
     /// Lowers a call to a builtin; `None` if `func` is not one.
-    pub(super) fn builtin(
-        &mut self,
-        func: &Ident,
-        args: &[Arg],
-        span: Span,
-        scope: &Scope,
-    ) -> Option<R<NodeId>> {
+    pub(super) fn builtin(&mut self, func: &Ident, args: &[Arg], span: Span, scope: &Scope) -> Option<R<NodeId>> {
         let name = func.name.as_str();
         if !is_builtin(name) {
             return None;
@@ -140,13 +123,7 @@ impl Lowerer<'_> {
         Some(self.builtin_inner(func, args, span, scope))
     }
 
-    fn builtin_inner(
-        &mut self,
-        func: &Ident,
-        args: &[Arg],
-        span: Span,
-        scope: &Scope,
-    ) -> R<NodeId> {
+    fn builtin_inner(&mut self, func: &Ident, args: &[Arg], span: Span, scope: &Scope) -> R<NodeId> {
         let name = func.name.as_str();
         if let Some(op) = unary_op(name) {
             let a = split_args(func, args, span, 1, &[])?;
@@ -163,10 +140,7 @@ impl Lowerer<'_> {
             }
             "min" | "max" => {
                 let a = split_args(func, args, span, 2, &[])?;
-                let (x, y) = (
-                    self.expr(a.positional[0], scope)?,
-                    self.expr(a.positional[1], scope)?,
-                );
+                let (x, y) = (self.expr(a.positional[0], scope)?, self.expr(a.positional[1], scope)?);
                 self.build(if name == "min" { Op::Min } else { Op::Max }, &[x, y], span)
             }
             "clamp" => {
@@ -192,9 +166,7 @@ impl Lowerer<'_> {
                     return Err(Diagnostic::new(
                         "shape::missing_class_axis",
                         a.positional[0].span,
-                        format!(
-                            "`{name}` runs over the class axis, but this does not vary over it"
-                        ),
+                        format!("`{name}` runs over the class axis, but this does not vary over it"),
                     )
                     .label(format!("varies over {}", self.g.axes(x))));
                 }
@@ -265,11 +237,7 @@ impl Lowerer<'_> {
     fn reduction(&mut self, func: &Ident, args: &[Arg], span: Span, scope: &Scope) -> R<NodeId> {
         let a = split_args(func, args, span, 1, &["by", "mask"])?;
         let e = self.expr(a.positional[0], scope)?;
-        let mask = a
-            .named
-            .get("mask")
-            .map(|m| self.expr(m, scope))
-            .transpose()?;
+        let mask = a.named.get("mask").map(|m| self.expr(m, scope)).transpose()?;
         let v = match mask {
             Some(m) => self.build(Op::Mul, &[e, m], span)?,
             None => e,
@@ -286,9 +254,7 @@ impl Lowerer<'_> {
                     .label("`by` is not allowed here")
                     .help("set the groups on the block: `sorted (e desc; by = batch)`"));
                 }
-                let Op::Sort { group, .. } = self.g.node(sort).op else {
-                    unreachable!("Sorted names a Sort")
-                };
+                let Op::Sort { group, .. } = self.g.node(sort).op else { unreachable!("Sorted names a Sort") };
                 AxisSet::ALL.minus(group)
             }
             _ => {
@@ -299,10 +265,7 @@ impl Lowerer<'_> {
                     return Err(Diagnostic::new(
                         "shape::missing_axis",
                         by.span,
-                        format!(
-                            "cannot keep {}: the value varies only over {all}",
-                            keep.minus(all)
-                        ),
+                        format!("cannot keep {}: {}", keep.minus(all), super::varies_over(all)),
                     )
                     .label("not an axis of the value"));
                 }

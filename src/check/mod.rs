@@ -14,6 +14,9 @@ use crate::syntax::ast::*;
 
 type R<T> = Result<T, Diagnostic>;
 
+/// How deeply loss calls may nest: inlining recurses once per level.
+const MAX_CALL_DEPTH: usize = 32;
+
 /// A tensor input of the entry loss.
 #[derive(Clone, Debug, PartialEq)]
 pub struct InputSpec {
@@ -34,8 +37,23 @@ pub struct Lowered {
 
 /// What a source defines: its own losses, the stdlib, and which is the entry.
 pub struct Env<'a> {
-    /// Every callable loss by name (the source's own shadow the stdlib's).
-    pub losses: HashMap<&'a str, &'a LossDef>,
+    /// The losses of the user's source (file 0).
+    pub user: HashMap<&'a str, &'a LossDef>,
+    /// The stdlib's losses. Calls from the stdlib resolve here only, so a user
+    /// definition named like a stdlib loss never changes another stdlib loss.
+    pub stdlib: HashMap<&'a str, &'a LossDef>,
+}
+
+impl<'a> Env<'a> {
+    /// The loss a call written in `file` refers to.
+    fn lookup(&self, name: &str, file: crate::diag::FileId) -> Option<&'a LossDef> {
+        let own = if file == crate::diag::FileId(0) { self.user.get(name) } else { None };
+        own.or_else(|| self.stdlib.get(name)).copied()
+    }
+
+    fn names(&self) -> impl Iterator<Item = &str> + '_ {
+        self.user.keys().chain(self.stdlib.keys()).copied()
+    }
 }
 
 /// The loss to lower: a definition, or a bare expression whose free names are inputs.
@@ -46,14 +64,7 @@ pub enum Entry<'a> {
 
 /// Lowers the entry with hyperparameter overrides `params` (already checked to exist).
 pub fn lower(env: &Env, entry: Entry, params: &HashMap<String, f64>) -> R<Lowered> {
-    let mut lw = Lowerer {
-        g: Graph::new(false),
-        env,
-        inputs: vec![],
-        input_nodes: vec![],
-        free: false,
-        stack: vec![],
-    };
+    let mut lw = Lowerer { g: Graph::new(false), env, inputs: vec![], input_nodes: vec![], free: false, stack: vec![] };
     let mut scope = Scope::default();
     let mut hypers = Vec::new();
     let (root, result_span) = match entry {
@@ -95,40 +106,24 @@ pub fn lower(env: &Env, entry: Entry, params: &HashMap<String, f64>) -> R<Lowere
         return Err(Diagnostic::new(
             "check::non_scalar_entry",
             result_span,
-            format!(
-                "the loss must reduce to a scalar, but this varies over {}",
-                lw.g.axes(root)
-            ),
+            format!("the loss must reduce to a scalar, but this varies over {}", lw.g.axes(root)),
         )
         .label("not a scalar")
         .help("reduce it, for example with mean(...) or sum(...)"));
     }
-    Ok(Lowered {
-        graph: lw.g,
-        root,
-        inputs: lw.inputs,
-        input_nodes: lw.input_nodes,
-        hypers,
-    })
+    Ok(Lowered { graph: lw.g, root, inputs: lw.inputs, input_nodes: lw.input_nodes, hypers })
 }
 
 /// Parameter names are unique; axis lists name known axes.
 pub fn check_params(def: &LossDef) -> R<()> {
     let mut seen: HashMap<&str, Span> = HashMap::new();
-    let names = def
-        .tensors
-        .iter()
-        .map(|t| &t.name)
-        .chain(def.hypers.iter().map(|h| &h.name));
+    let names = def.tensors.iter().map(|t| &t.name).chain(def.hypers.iter().map(|h| &h.name));
     for name in names {
         if seen.insert(&name.name, name.span).is_some() {
             return Err(Diagnostic::new(
                 "check::duplicate_parameter",
                 name.span,
-                format!(
-                    "parameter `{}` is declared twice in `{}`",
-                    name.name, def.name.name
-                ),
+                format!("parameter `{}` is declared twice in `{}`", name.name, def.name.name),
             )
             .label("second declaration")
             .help("rename one of them"));
@@ -153,18 +148,23 @@ fn declared_axes(t: &TensorParam) -> R<AxisSet> {
 
 fn axis_by_name(a: &Ident) -> R<AxisSet> {
     AxisSet::from_name(&a.name).ok_or_else(|| {
-        let mut d = Diagnostic::new(
-            "check::unknown_axis",
-            a.span,
-            format!("unknown axis `{}`", a.name),
-        )
-        .label("not an axis")
-        .note("the axes are batch, class and spatial");
+        let mut d = Diagnostic::new("check::unknown_axis", a.span, format!("unknown axis `{}`", a.name))
+            .label("not an axis")
+            .note("the axes are batch, class and spatial");
         if let Some(s) = closest(&a.name, ["batch", "class", "spatial"]) {
             d = d.help(format!("did you mean `{s}`?"));
         }
         d
     })
+}
+
+/// "the value is a scalar" or "the value varies only over (batch, class)".
+pub fn varies_over(axes: AxisSet) -> String {
+    if axes.is_empty() {
+        "the value is a scalar".into()
+    } else {
+        format!("the value varies only over {axes}")
+    }
 }
 
 /// The closest candidate by edit distance, if it is close enough to be a likely typo.
@@ -199,10 +199,7 @@ impl Lowerer<'_> {
     fn new_input(&mut self, name: &str, axes: AxisSet) -> NodeId {
         let index = u32::try_from(self.inputs.len()).expect("invariant: few inputs");
         let id = self.g.add(Op::Input { index, axes }, &[]);
-        self.inputs.push(InputSpec {
-            name: name.to_string(),
-            axes,
-        });
+        self.inputs.push(InputSpec { name: name.to_string(), axes });
         self.input_nodes.push(id);
         id
     }
@@ -233,13 +230,11 @@ impl Lowerer<'_> {
     fn expr(&mut self, e: &Expr, scope: &Scope) -> R<NodeId> {
         match &e.kind {
             ExprKind::Number(v) => Ok(self.g.constant(*v)),
-            ExprKind::BadNumber(text) => Err(Diagnostic::new(
-                "parse::bad_number",
-                e.span,
-                format!("malformed number `{text}`"),
-            )
-            .label("not a number")
-            .help("numbers look like 3, 0.5, .5 or 1e-7")),
+            ExprKind::BadNumber(text) => {
+                Err(Diagnostic::new("parse::bad_number", e.span, format!("malformed number `{text}`"))
+                    .label("not a number")
+                    .help("numbers look like 3, 0.5, .5 or 1e-7"))
+            }
             ExprKind::Name(name) => self.name(name, e.span, scope, AxisSet::ALL),
             ExprKind::Neg(a) => {
                 let a = self.expr(a, scope)?;
@@ -262,13 +257,9 @@ impl Lowerer<'_> {
                 };
                 self.build(op, &[a, b], e.span)
             }
-            ExprKind::Tuple(_) => {
-                Err(
-                    Diagnostic::new("check::misplaced_tuple", e.span, "a tuple is not a value")
-                        .label("tuple used as a value")
-                        .help("`(a, b)` is only allowed as the axes of `by = (batch, class)`"),
-                )
-            }
+            ExprKind::Tuple(_) => Err(Diagnostic::new("check::misplaced_tuple", e.span, "a tuple is not a value")
+                .label("tuple used as a value")
+                .help("`(a, b)` is only allowed as the axes of `by = (batch, class)`")),
             ExprKind::Call { func, args } => self.call(func, args, e.span, scope),
             ExprKind::Sorted(s) => self.sorted(s, e.span, scope),
         }
@@ -279,15 +270,10 @@ impl Lowerer<'_> {
         if let Some(&id) = scope.vars.get(name) {
             return Ok(id);
         }
-        if let Some(i) = self
-            .inputs
-            .iter()
-            .position(|i| i.name == name)
-            .filter(|_| self.free)
-        {
+        if let Some(i) = self.inputs.iter().position(|i| i.name == name).filter(|_| self.free) {
             return Ok(self.input_nodes[i]);
         }
-        if self.env.losses.contains_key(name) || builtins::is_builtin(name) {
+        if self.env.lookup(name, span.file).is_some() || builtins::is_builtin(name) {
             return Err(Diagnostic::new(
                 "check::function_as_value",
                 span,
@@ -297,25 +283,14 @@ impl Lowerer<'_> {
             .help(format!("call it: `{name}(...)`")));
         }
         if AxisSet::from_name(name).is_some() {
-            return Err(Diagnostic::new(
-                "check::axis_as_value",
-                span,
-                format!("`{name}` is an axis, not a value"),
-            )
-            .label("used as a value")
-            .help(format!(
-                "axes are only used to name reductions, as in `sum(e, by = {name})`"
-            )));
+            return Err(Diagnostic::new("check::axis_as_value", span, format!("`{name}` is an axis, not a value"))
+                .label("used as a value")
+                .help(format!("axes are only used to name reductions, as in `sum(e, by = {name})`")));
         }
         if self.free {
             return Ok(self.new_input(name, axes));
         }
-        let mut d = Diagnostic::new(
-            "check::unknown_name",
-            span,
-            format!("unknown name `{name}`"),
-        )
-        .label("not defined");
+        let mut d = Diagnostic::new("check::unknown_name", span, format!("unknown name `{name}`")).label("not defined");
         if let Some(s) = closest(name, scope.vars.keys().map(String::as_str)) {
             d = d.help(format!("did you mean `{s}`?"));
         }
@@ -323,24 +298,15 @@ impl Lowerer<'_> {
     }
 
     fn call(&mut self, func: &Ident, args: &[Arg], span: Span, scope: &Scope) -> R<NodeId> {
-        if let Some(def) = self.env.losses.get(func.name.as_str()).copied() {
+        if let Some(def) = self.env.lookup(&func.name, func.span.file) {
             return self.call_loss(def, args, span, scope);
         }
         if let Some(result) = self.builtin(func, args, span, scope) {
             return result;
         }
-        let candidates = self
-            .env
-            .losses
-            .keys()
-            .copied()
-            .chain(builtins::NAMES.iter().copied());
-        let mut d = Diagnostic::new(
-            "check::unknown_function",
-            func.span,
-            format!("unknown function `{}`", func.name),
-        )
-        .label("no loss or builtin has this name");
+        let candidates = self.env.names().chain(builtins::NAMES.iter().copied());
+        let mut d = Diagnostic::new("check::unknown_function", func.span, format!("unknown function `{}`", func.name))
+            .label("no loss or builtin has this name");
         if let Some(s) = closest(&func.name, candidates) {
             d = d.help(format!("did you mean `{s}`?"));
         } else {
@@ -352,23 +318,36 @@ impl Lowerer<'_> {
     /// Inlines a call to a loss definition.
     fn call_loss(&mut self, def: &LossDef, args: &[Arg], span: Span, scope: &Scope) -> R<NodeId> {
         let name = &def.name.name;
-        if self.stack.contains(name) {
+        if self.stack.len() >= MAX_CALL_DEPTH {
             return Err(Diagnostic::new(
-                "check::recursive_call",
+                "check::calls_too_deep",
                 span,
-                format!("`{name}` calls itself"),
+                format!("calls nest more than {MAX_CALL_DEPTH} deep"),
             )
-            .label("recursive call")
-            .note("losses are inlined, so they cannot be recursive"));
+            .label(format!("call of `{name}`"))
+            .note("losses are inlined; a chain of calls this long is almost certainly a mistake"));
+        }
+        if let Some(first) = self.stack.iter().position(|n| n == name) {
+            let mut cycle = self.stack[first..].to_vec();
+            cycle.push(name.clone());
+            let how = if cycle.len() == 2 { String::new() } else { format!(" through {}", cycle.join(" -> ")) };
+            return Err(Diagnostic::new("check::recursive_call", span, format!("`{name}` calls itself{how}"))
+                .label("recursive call")
+                .note("losses are inlined, so they cannot be recursive"));
         }
         check_params(def)?;
         let bound = bind_arguments(def, args, span)?;
-        let mut callee = Scope {
-            vars: HashMap::new(),
-            sorted: scope.sorted,
-        };
-        for (t, arg) in def.tensors.iter().zip(&bound.tensors) {
-            let arg = arg.expect("invariant: bind_arguments fills every tensor");
+        let mut callee = Scope { vars: HashMap::new(), sorted: scope.sorted };
+        // Lower in the order the arguments are written, so that a bare expression's
+        // inputs come in order of first appearance even with named arguments.
+        let mut tensors: Vec<(&TensorParam, &Expr)> = def
+            .tensors
+            .iter()
+            .zip(&bound.tensors)
+            .map(|(t, a)| (t, a.expect("invariant: bind_arguments fills every tensor")))
+            .collect();
+        tensors.sort_by_key(|(_, a)| a.span.start);
+        for (t, arg) in tensors {
             let axes = declared_axes(t)?;
             let v = match &arg.kind {
                 ExprKind::Name(n) => self.name(n, arg.span, scope, axes)?,
@@ -398,16 +377,24 @@ impl Lowerer<'_> {
                         return Err(Diagnostic::new(
                             "check::hyperparameter_not_scalar",
                             a.span,
-                            format!(
-                                "hyperparameter `{}` of `{name}` must be a scalar",
-                                h.name.name
-                            ),
+                            format!("hyperparameter `{}` of `{name}` must be a scalar", h.name.name),
                         )
                         .label(format!("this varies over {}", self.g.axes(v))));
                     }
                     v
                 }
-                None => self.in_callee(name, span, |lw| lw.expr(&h.default, &callee))?,
+                None => self.in_callee(name, span, |lw| {
+                    let v = lw.expr(&h.default, &callee)?;
+                    match lw.g.fold(v) {
+                        Some(c) => Ok(lw.g.constant(c)),
+                        None => Err(Diagnostic::new(
+                            "check::default_not_constant",
+                            h.default.span,
+                            "a default must be a constant",
+                        )
+                        .label("this does not reduce to a number")),
+                    }
+                })?,
             };
             callee.vars.insert(h.name.name.clone(), v);
         }
@@ -419,12 +406,7 @@ impl Lowerer<'_> {
 
     /// Runs `f` for the body of callee `name`; an error inside another file is
     /// reported at the call site, with the original message.
-    fn in_callee(
-        &mut self,
-        name: &str,
-        call: Span,
-        f: impl FnOnce(&mut Self) -> R<NodeId>,
-    ) -> R<NodeId> {
+    fn in_callee(&mut self, name: &str, call: Span, f: impl FnOnce(&mut Self) -> R<NodeId>) -> R<NodeId> {
         f(self).map_err(|d| {
             if d.span.file == call.file {
                 return d;
@@ -452,31 +434,17 @@ impl Lowerer<'_> {
             group = axes_value(value)?;
         }
         if scope.sorted.is_some() {
-            return Err(Diagnostic::new(
-                "check::nested_sorted",
-                span,
-                "`sorted` blocks cannot be nested",
-            )
-            .label("inside another `sorted` block"));
+            return Err(Diagnostic::new("check::nested_sorted", span, "`sorted` blocks cannot be nested")
+                .label("inside another `sorted` block"));
         }
         let bound = |lw: &mut Self, name: &Ident, value: &Option<Expr>| -> R<(NodeId, Span)> {
             match value {
                 Some(v) => Ok((lw.expr(v, scope)?, v.span)),
-                None => Ok((
-                    lw.name(&name.name, name.span, scope, AxisSet::ALL)?,
-                    name.span,
-                )),
+                None => Ok((lw.name(&name.name, name.span, scope, AxisSet::ALL)?, name.span)),
             }
         };
         let (key, key_span) = bound(self, &s.key, &s.key_value)?;
-        let sort = self.build(
-            Op::Sort {
-                group,
-                descending: s.descending,
-            },
-            &[key],
-            key_span,
-        )?;
+        let sort = self.build(Op::Sort { group, descending: s.descending }, &[key], key_span)?;
         let mut inner = scope.clone();
         inner.sorted = Some(sort);
         let sorted_key = self.build(Op::Gather, &[sort, key], key_span)?;
@@ -534,11 +502,7 @@ fn bind_arguments<'e>(def: &LossDef, args: &'e [Arg], span: Span) -> R<Bound<'e>
                     return Err(Diagnostic::new(
                         "check::too_many_arguments",
                         a.value.span,
-                        format!(
-                            "`{name}` takes at most {} arguments, but {} were given",
-                            nt + nh,
-                            args.len()
-                        ),
+                        format!("`{name}` takes at most {} arguments, but {} were given", nt + nh, args.len()),
                     )
                     .label("extra argument")
                     .note(format!("signature: {}", signature(def))));
@@ -570,10 +534,7 @@ fn bind_arguments<'e>(def: &LossDef, args: &'e [Arg], span: Span) -> R<Bound<'e>
             return Err(Diagnostic::new(
                 "check::duplicate_argument",
                 at,
-                format!(
-                    "parameter `{}` of `{name}` is given twice",
-                    param_names[slot]
-                ),
+                format!("parameter `{}` of `{name}` is given twice", param_names[slot]),
             )
             .label("given again here"));
         }
@@ -583,22 +544,13 @@ fn bind_arguments<'e>(def: &LossDef, args: &'e [Arg], span: Span) -> R<Bound<'e>
         return Err(Diagnostic::new(
             "check::missing_argument",
             span,
-            format!(
-                "`{name}` needs the tensor `{}`, which is not given",
-                param_names[missing]
-            ),
+            format!("`{name}` needs the tensor `{}`, which is not given", param_names[missing]),
         )
-        .label(format!(
-            "{} of {nt} tensors given",
-            slots[..nt].iter().filter(|s| s.is_some()).count()
-        ))
+        .label(format!("{} of {nt} tensors given", slots[..nt].iter().filter(|s| s.is_some()).count()))
         .note(format!("signature: {}", signature(def))));
     }
     let hypers = slots.split_off(nt);
-    Ok(Bound {
-        tensors: slots,
-        hypers,
-    })
+    Ok(Bound { tensors: slots, hypers })
 }
 
 /// `name(p, y; smooth = 1)` as written.
@@ -608,30 +560,15 @@ pub fn signature(def: &LossDef) -> String {
         .iter()
         .map(|t| match &t.axes {
             None => t.name.name.clone(),
-            Some(a) => format!(
-                "{}[{}]",
-                t.name.name,
-                a.iter()
-                    .map(|i| i.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
+            Some(a) => format!("{}[{}]", t.name.name, a.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", ")),
         })
         .collect();
-    let hypers: Vec<String> = def
-        .hypers
-        .iter()
-        .map(|h| format!("{} = {}", h.name.name, expr_text(&h.default)))
-        .collect();
+    let hypers: Vec<String> =
+        def.hypers.iter().map(|h| format!("{} = {}", h.name.name, expr_text(&h.default))).collect();
     if hypers.is_empty() {
         format!("{}({})", def.name.name, tensors.join(", "))
     } else {
-        format!(
-            "{}({}; {})",
-            def.name.name,
-            tensors.join(", "),
-            hypers.join(", ")
-        )
+        format!("{}({}; {})", def.name.name, tensors.join(", "), hypers.join(", "))
     }
 }
 
@@ -647,20 +584,13 @@ fn expr_text(e: &Expr) -> String {
 /// The axes named by `by = class` or `by = (batch, class)`.
 fn axes_value(e: &Expr) -> R<AxisSet> {
     let one = |e: &Expr| match &e.kind {
-        ExprKind::Name(n) => axis_by_name(&Ident {
-            name: n.clone(),
-            span: e.span,
-        }),
-        _ => Err(
-            Diagnostic::new("check::expected_axes", e.span, "expected an axis name")
-                .label("not an axis")
-                .help("write `by = class` or `by = (batch, class)`"),
-        ),
+        ExprKind::Name(n) => axis_by_name(&Ident { name: n.clone(), span: e.span }),
+        _ => Err(Diagnostic::new("check::expected_axes", e.span, "expected an axis name")
+            .label("not an axis")
+            .help("write `by = class` or `by = (batch, class)`")),
     };
     match &e.kind {
-        ExprKind::Tuple(items) => items
-            .iter()
-            .try_fold(AxisSet::NONE, |acc, i| Ok(acc.union(one(i)?))),
+        ExprKind::Tuple(items) => items.iter().try_fold(AxisSet::NONE, |acc, i| Ok(acc.union(one(i)?))),
         _ => one(e),
     }
 }
@@ -674,9 +604,7 @@ fn type_error(e: TypeError, span: Span) -> Diagnostic {
         TypeError::NeedsSorted { .. } => "shape::needs_sorted_order",
     };
     let help = match e {
-        TypeError::UnsortedInSorted { .. } => {
-            Some("bind it in the block's header, as in `sorted (e desc, g = y)`")
-        }
+        TypeError::UnsortedInSorted { .. } => Some("bind it in the block's header, as in `sorted (e desc, g = y)`"),
         _ => None,
     };
     let mut d = Diagnostic::new(code, span, e.to_string()).label("here");

@@ -7,11 +7,8 @@ use std::fmt;
 pub struct AxisSet(u8);
 
 /// The axes in layout order, with their names.
-pub const AXES: [(AxisSet, &str); 3] = [
-    (AxisSet::BATCH, "batch"),
-    (AxisSet::CLASS, "class"),
-    (AxisSet::SPATIAL, "spatial"),
-];
+pub const AXES: [(AxisSet, &str); 3] =
+    [(AxisSet::BATCH, "batch"), (AxisSet::CLASS, "class"), (AxisSet::SPATIAL, "spatial")];
 
 impl AxisSet {
     pub const NONE: AxisSet = AxisSet(0);
@@ -43,10 +40,7 @@ impl AxisSet {
         self.0 & (1 << i) != 0
     }
     pub fn names(self) -> Vec<&'static str> {
-        AXES.iter()
-            .filter(|(a, _)| self.contains(*a))
-            .map(|(_, n)| *n)
-            .collect()
+        AXES.iter().filter(|(a, _)| self.contains(*a)).map(|(_, n)| *n).collect()
     }
 }
 

@@ -42,16 +42,24 @@ pub struct Node {
 /// Why a node cannot be built: the checker turns these into diagnostics.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum TypeError {
-    #[error("a value that varies over {axes} is used inside a `sorted` block whose groups only fix {group}")]
+    #[error("a value that varies over {axes} is used inside a `sorted` block whose groups fix {}", group_text(*.group))]
     UnsortedInSorted { axes: AxisSet, group: AxisSet },
     #[error("values from two different `sorted` blocks are combined")]
     TwoSorts,
     #[error("a sum inside a `sorted` block must reduce over the whole group, here {need}")]
     PartialSortedReduction { need: AxisSet },
-    #[error("`{op}` is only defined on values in element order")]
+    #[error("`{op}` is only defined on values in element order (outside `sorted` blocks)")]
     NeedsElements { op: &'static str },
     #[error("`{op}` needs values in the order of its `sorted` block")]
     NeedsSorted { op: &'static str },
+}
+
+fn group_text(group: AxisSet) -> String {
+    if group.is_empty() {
+        "no axis (one group: the whole tensor)".into()
+    } else {
+        format!("only {group}")
+    }
 }
 
 /// An arena of unique nodes. With `simplify` on, every node goes through
@@ -61,14 +69,13 @@ pub struct Graph {
     nodes: Vec<Node>,
     unique: HashMap<(Op, Vec<NodeId>), NodeId>,
     pub simplify: bool,
+    /// With `simplify` on, apply only the `Exact` rules (bit-for-bit the same values).
+    pub exact_only: bool,
 }
 
 impl Graph {
     pub fn new(simplify: bool) -> Graph {
-        Graph {
-            simplify,
-            ..Graph::default()
-        }
+        Graph { simplify, ..Graph::default() }
     }
 
     pub fn node(&self, id: NodeId) -> &Node {
@@ -104,14 +111,12 @@ impl Graph {
     }
 
     pub fn constant(&mut self, v: f64) -> NodeId {
-        self.intern(Op::Const(v.to_bits()), vec![])
-            .expect("invariant: constants always type-check")
+        self.intern(Op::Const(v.to_bits()), vec![]).expect("invariant: constants always type-check")
     }
 
     /// Builds a node that is known to type-check (used by the differentiator).
     pub fn add(&mut self, op: Op, args: &[NodeId]) -> NodeId {
-        self.try_add(op, args)
-            .unwrap_or_else(|e| panic!("invariant: {op:?} type-checks: {e}"))
+        self.try_add(op, args).unwrap_or_else(|e| panic!("invariant: {op:?} type-checks: {e}"))
     }
 
     /// Builds a node, simplifying it when `self.simplify` is on.
@@ -124,8 +129,7 @@ impl Graph {
             // Commutative operands in a canonical order (IEEE-exact), so `p*y` and `y*p` merge;
             // constants go first in products (`2 * x`) and last in sums (`x + 1`).
             if matches!(op, Op::Add | Op::Mul) {
-                let key =
-                    |g: &Graph, id: NodeId| (g.constant_value(id).is_some() == (op == Op::Add), id);
+                let key = |g: &Graph, id: NodeId| (g.constant_value(id).is_some() == (op == Op::Add), id);
                 if key(self, args[1]) < key(self, args[0]) {
                     args.swap(0, 1);
                 }
@@ -140,24 +144,14 @@ impl Graph {
         }
         let (axes, space) = self.infer(op, &args)?;
         let id = NodeId(u32::try_from(self.nodes.len()).expect("invariant: fewer than 2^32 nodes"));
-        self.nodes.push(Node {
-            op,
-            args: args.clone(),
-            axes,
-            space,
-        });
+        self.nodes.push(Node { op, args: args.clone(), axes, space });
         self.unique.insert((op, args), id);
         Ok(id)
     }
 
     /// The typing rules: which axes a node varies over and in which order its elements are.
     fn infer(&self, op: Op, args: &[NodeId]) -> Result<(AxisSet, Space), TypeError> {
-        assert_eq!(
-            args.len(),
-            op.arity(),
-            "invariant: {op:?} takes {} arguments",
-            op.arity()
-        );
+        assert_eq!(args.len(), op.arity(), "invariant: {op:?} takes {} arguments", op.arity());
         let perm_group = |sort: NodeId| match self.node(sort).op {
             Op::Sort { group, .. } => group,
             other => panic!("invariant: sorted-order ops take a Sort node first, not {other:?}"),
@@ -171,7 +165,10 @@ impl Graph {
                 match a.space {
                     Space::Sorted(sort) => {
                         let need = AxisSet::ALL.minus(perm_group(sort));
-                        if !over.contains(need) || matches!(op, Op::LogSumExp(_)) {
+                        if matches!(op, Op::LogSumExp(_)) {
+                            return Err(TypeError::NeedsElements { op: "softmax/logsumexp" });
+                        }
+                        if !over.contains(need) {
                             return Err(TypeError::PartialSortedReduction { need });
                         }
                         (AxisSet::ALL.minus(over), Space::Elements)
@@ -223,9 +220,7 @@ impl Graph {
             let n = self.node(a);
             axes = axes.union(n.axes);
             match n.space {
-                Space::Sorted(s) if sort.is_some_and(|t| t != s) => {
-                    return Err(TypeError::TwoSorts)
-                }
+                Space::Sorted(s) if sort.is_some_and(|t| t != s) => return Err(TypeError::TwoSorts),
                 Space::Sorted(s) => sort = Some(s),
                 Space::Permutation => return Err(TypeError::NeedsElements { op: "arithmetic" }),
                 Space::Elements => {}
@@ -234,16 +229,11 @@ impl Graph {
         let Some(sort) = sort else {
             return Ok((axes, Space::Elements));
         };
-        let Op::Sort { group, .. } = self.node(sort).op else {
-            unreachable!("Sorted space names a Sort node")
-        };
+        let Op::Sort { group, .. } = self.node(sort).op else { unreachable!("Sorted space names a Sort node") };
         for &a in args {
             let n = self.node(a);
             if n.space == Space::Elements && !group.contains(n.axes) {
-                return Err(TypeError::UnsortedInSorted {
-                    axes: n.axes,
-                    group,
-                });
+                return Err(TypeError::UnsortedInSorted { axes: n.axes, group });
             }
         }
         Ok((AxisSet::ALL, Space::Sorted(sort)))
@@ -259,23 +249,26 @@ impl Graph {
             }
             stack.extend(self.node(id).args.iter().copied());
         }
-        (0..self.nodes.len() as u32)
-            .map(NodeId)
-            .filter(|id| seen[id.0 as usize])
-            .collect()
+        (0..self.nodes.len() as u32).map(NodeId).filter(|id| seen[id.0 as usize]).collect()
     }
 
     /// Copies what `roots` need into a fresh graph (simplifying if asked);
     /// returns it with the new ids of the roots. Unreachable nodes are dropped.
     pub fn rebuild(&self, roots: &[NodeId], simplify: bool) -> (Graph, Vec<NodeId>) {
-        let mut out = Graph::new(simplify);
+        self.rebuild_into(Graph::new(simplify), roots)
+    }
+
+    /// `rebuild` with only the rules that keep every bit of every value.
+    pub fn rebuild_exact(&self, roots: &[NodeId]) -> (Graph, Vec<NodeId>) {
+        self.rebuild_into(Graph { exact_only: true, ..Graph::new(true) }, roots)
+    }
+
+    fn rebuild_into(&self, mut out: Graph, roots: &[NodeId]) -> (Graph, Vec<NodeId>) {
         let mut map: HashMap<NodeId, NodeId> = HashMap::new();
         for id in self.reachable(roots) {
             let n = self.node(id);
             let args: Vec<NodeId> = n.args.iter().map(|a| map[a]).collect();
-            let new = out
-                .try_add(n.op, &args)
-                .expect("invariant: a well-typed graph rebuilds");
+            let new = out.try_add(n.op, &args).expect("invariant: a well-typed graph rebuilds");
             map.insert(id, new);
         }
         let roots = roots.iter().map(|r| map[r]).collect();
@@ -290,20 +283,8 @@ mod tests {
     #[test]
     fn equal_subexpressions_are_one_node() {
         let mut g = Graph::new(true);
-        let x = g.add(
-            Op::Input {
-                index: 0,
-                axes: AxisSet::ALL,
-            },
-            &[],
-        );
-        let y = g.add(
-            Op::Input {
-                index: 1,
-                axes: AxisSet::ALL,
-            },
-            &[],
-        );
+        let x = g.add(Op::Input { index: 0, axes: AxisSet::ALL }, &[]);
+        let y = g.add(Op::Input { index: 1, axes: AxisSet::ALL }, &[]);
         let a = g.add(Op::Mul, &[x, y]);
         let b = g.add(Op::Mul, &[y, x]);
         assert_eq!(a, b);
@@ -315,13 +296,7 @@ mod tests {
     #[test]
     fn reductions_drop_axes() {
         let mut g = Graph::new(false);
-        let x = g.add(
-            Op::Input {
-                index: 0,
-                axes: AxisSet::ALL,
-            },
-            &[],
-        );
+        let x = g.add(Op::Input { index: 0, axes: AxisSet::ALL }, &[]);
         let s = g.add(Op::Sum(AxisSet::BATCH.union(AxisSet::SPATIAL)), &[x]);
         assert_eq!(g.axes(s), AxisSet::CLASS);
     }
@@ -329,30 +304,12 @@ mod tests {
     #[test]
     fn sorted_values_do_not_mix_with_unsorted_ones() {
         let mut g = Graph::new(false);
-        let x = g.add(
-            Op::Input {
-                index: 0,
-                axes: AxisSet::ALL,
-            },
-            &[],
-        );
-        let sort = g.add(
-            Op::Sort {
-                group: AxisSet::BATCH,
-                descending: true,
-            },
-            &[x],
-        );
+        let x = g.add(Op::Input { index: 0, axes: AxisSet::ALL }, &[]);
+        let sort = g.add(Op::Sort { group: AxisSet::BATCH, descending: true }, &[x]);
         let xs = g.add(Op::Gather, &[sort, x]);
-        assert!(matches!(
-            g.try_add(Op::Mul, &[xs, x]),
-            Err(TypeError::UnsortedInSorted { .. })
-        ));
+        assert!(matches!(g.try_add(Op::Mul, &[xs, x]), Err(TypeError::UnsortedInSorted { .. })));
         let total = g.add(Op::Sum(AxisSet::CLASS.union(AxisSet::SPATIAL)), &[xs]);
-        assert_eq!(
-            (g.axes(total), g.space(total)),
-            (AxisSet::BATCH, Space::Elements)
-        );
+        assert_eq!((g.axes(total), g.space(total)), (AxisSet::BATCH, Space::Elements));
         assert!(g.try_add(Op::Mul, &[xs, total]).is_ok());
     }
 }

@@ -23,28 +23,23 @@ pub fn print_graph(g: &Graph, roots: &[(&str, NodeId)], inputs: &[String]) -> Pr
             *uses.entry(a).or_default() += 1;
         }
     }
-    let mut p = Printer {
-        g,
-        inputs,
-        names: HashMap::new(),
-    };
+    let mut p = Printer { g, inputs, names: HashMap::new() };
     let mut body = String::new();
+    // How deep each node would print inline; a node past MAX_INLINE_DEPTH gets a name,
+    // which keeps long chains readable and the printer's recursion bounded.
+    let mut height: HashMap<NodeId, usize> = HashMap::new();
     for &id in &order {
         let n = g.node(id);
-        let shared = uses.get(&id).copied().unwrap_or(0) > 1 || n.space == Space::Permutation;
+        let h = 1 + n.args.iter().map(|a| height.get(a).copied().unwrap_or(0)).max().unwrap_or(0);
+        let shared = uses.get(&id).copied().unwrap_or(0) > 1 || n.space == Space::Permutation || h > MAX_INLINE_DEPTH;
         if shared && n.op.arity() > 0 {
             let text = p.expr(id, 0);
-            let name = format!(
-                "{}{}",
-                if n.space == Space::Permutation {
-                    "s"
-                } else {
-                    "t"
-                },
-                p.names.len()
-            );
+            let name = format!("{}{}", if n.space == Space::Permutation { "s" } else { "t" }, p.names.len());
             body += &format!("  {name} = {text}\n");
             p.names.insert(id, name);
+            height.insert(id, 0);
+        } else {
+            height.insert(id, h);
         }
     }
     for (label, id) in roots {
@@ -70,6 +65,9 @@ struct Printer<'a> {
 
 const ATOM: u8 = 6;
 
+/// The deepest expression printed on one line.
+const MAX_INLINE_DEPTH: usize = 24;
+
 impl Printer<'_> {
     /// The node as text, parenthesised if its precedence is below `min`.
     fn expr(&self, id: NodeId, min: u8) -> String {
@@ -82,10 +80,7 @@ impl Printer<'_> {
     }
 
     fn arg(&self, id: NodeId) -> String {
-        self.names
-            .get(&id)
-            .cloned()
-            .unwrap_or_else(|| self.expr(id, 0))
+        self.names.get(&id).cloned().unwrap_or_else(|| self.expr(id, 0))
     }
 
     /// Text and precedence: 1 comparison, 2 sum, 3 product, 4 negation, 5 power, 6 atom.
@@ -97,11 +92,7 @@ impl Printer<'_> {
         let a = &n.args;
         let call = |args: &[String]| (format!("{}({})", n.op.name(), args.join(", ")), ATOM);
         let infix = |prec: u8, right_assoc: bool| {
-            let (lmin, rmin) = if right_assoc {
-                (prec + 1, prec)
-            } else {
-                (prec, prec + 1)
-            };
+            let (lmin, rmin) = if right_assoc { (prec + 1, prec) } else { (prec, prec + 1) };
             let l = self.sub(a[0], lmin);
             let r = self.sub(a[1], rmin);
             (format!("{l} {} {r}", n.op.name()), prec)
@@ -109,10 +100,7 @@ impl Printer<'_> {
         match n.op {
             Op::Const(bits) => {
                 let v = f64::from_bits(bits);
-                (
-                    format_number(v),
-                    if v.is_sign_negative() { 4 } else { ATOM },
-                )
+                (format_number(v), if v.is_sign_negative() { 4 } else { ATOM })
             }
             Op::Input { index, .. } => (self.inputs[index as usize].clone(), ATOM),
             Op::ClassIndex => ("class_index()".into(), ATOM),
@@ -139,9 +127,7 @@ impl Printer<'_> {
             Op::Add | Op::Sub => infix(2, false),
             Op::Mul | Op::Div => infix(3, false),
             Op::Pow => infix(5, true),
-            Op::Eq if self.g.node(a[1]).op == Op::ClassIndex => {
-                (format!("onehot({})", self.arg(a[0])), ATOM)
-            }
+            Op::Eq if self.g.node(a[1]).op == Op::ClassIndex => (format!("onehot({})", self.arg(a[0])), ATOM),
             Op::Lt | Op::Le | Op::Gt | Op::Ge | Op::Eq | Op::Ne => infix(1, false),
             Op::Sum(over) | Op::LogSumExp(over) => {
                 let arg = self.g.node(a[0]);
@@ -160,22 +146,12 @@ impl Printer<'_> {
             }
             Op::Sort { group, descending } => {
                 let order = if descending { "desc" } else { "asc" };
-                let by = if group.is_empty() {
-                    String::new()
-                } else {
-                    format!(", by = {}", axes_list(group))
-                };
+                let by = if group.is_empty() { String::new() } else { format!(", by = {}", axes_list(group)) };
                 (format!("sort({} {order}{by})", self.arg(a[0])), ATOM)
             }
-            Op::Prev(init) => (
-                format!(
-                    "prev({}, {}, {})",
-                    self.arg(a[0]),
-                    self.arg(a[1]),
-                    format_number(f64::from_bits(init))
-                ),
-                ATOM,
-            ),
+            Op::Prev(init) => {
+                (format!("prev({}, {}, {})", self.arg(a[0]), self.arg(a[1]), format_number(f64::from_bits(init))), ATOM)
+            }
         }
     }
 

@@ -47,12 +47,12 @@ pub static RULES: &[Rule] = &[
 /// The first rule that applies to `op(args)`, if any, already built.
 pub(super) fn rewrite(g: &mut Graph, op: Op, args: &[NodeId]) -> Result<Option<NodeId>, TypeError> {
     g.infer(op, args)?; // a rule must never hide a type error
-    Ok(RULES.iter().find_map(|r| (r.apply)(g, op, args)))
+    let exact_only = g.exact_only;
+    Ok(RULES.iter().filter(|r| !exact_only || r.safety == Exact).find_map(|r| (r.apply)(g, op, args)))
 }
 
 fn is_const(g: &Graph, id: NodeId, v: f64) -> bool {
-    g.constant_value(id)
-        .is_some_and(|c| c.to_bits() == v.to_bits())
+    g.constant_value(id).is_some_and(|c| c.to_bits() == v.to_bits())
 }
 
 fn op_of(g: &Graph, id: NodeId) -> (Op, Vec<NodeId>) {
@@ -226,13 +226,7 @@ mod tests {
     /// Builds `f` with rules off and on and prints the simplified form.
     fn simplified(f: impl Fn(&mut Graph, NodeId) -> NodeId) -> String {
         let mut g = Graph::new(false);
-        let x = g.add(
-            Op::Input {
-                index: 0,
-                axes: AxisSet::ALL,
-            },
-            &[],
-        );
+        let x = g.add(Op::Input { index: 0, axes: AxisSet::ALL }, &[]);
         let root = f(&mut g, x);
         let (g2, roots) = g.rebuild(&[root], true);
         print_graph(&g2, &[("e", roots[0])], &["x".to_string()]).body

@@ -49,6 +49,28 @@ pub struct Block {
 pub struct Expr {
     pub kind: ExprKind,
     pub span: Span,
+    /// The height of the tree below this node (1 for a leaf). The parser bounds it,
+    /// so no pass that recurses over the tree can overflow the stack.
+    pub depth: u32,
+}
+
+impl Expr {
+    pub fn new(kind: ExprKind, span: Span) -> Expr {
+        let block = |b: &Block| b.lets.iter().map(|(_, e)| e.depth).chain([b.result.depth]).max().unwrap_or(0);
+        let below = match &kind {
+            ExprKind::Number(_) | ExprKind::BadNumber(_) | ExprKind::Name(_) => 0,
+            ExprKind::Neg(a) => a.depth,
+            ExprKind::Binary(_, a, b) => a.depth.max(b.depth),
+            ExprKind::Call { args, .. } => args.iter().map(|a| a.value.depth).max().unwrap_or(0),
+            ExprKind::Tuple(items) => items.iter().map(|e| e.depth).max().unwrap_or(0),
+            ExprKind::Sorted(s) => {
+                let binds = s.binds.iter().filter_map(|(_, e)| e.as_ref().map(|e| e.depth));
+                let opts = s.options.iter().map(|(_, e)| e.depth);
+                s.key_value.iter().map(|e| e.depth).chain(binds).chain(opts).chain([block(&s.body)]).max().unwrap_or(0)
+            }
+        };
+        Expr { kind, span, depth: below + 1 }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

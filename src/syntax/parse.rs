@@ -16,6 +16,7 @@ struct LosscParser;
 
 /// Parses a whole source. `file` tags every span with where it came from.
 pub fn parse(text: &str, file: FileId) -> Result<SourceItem, Diagnostic> {
+    check_nesting(text, file)?;
     // Track literal tokens too, so errors can say "expected `,` or `)`".
     pest::set_error_detail(true);
     let mut pairs = LosscParser::parse(Rule::file, text).map_err(|e| parse_error(e, text, file))?;
@@ -31,6 +32,56 @@ pub fn parse(text: &str, file: FileId) -> Result<SourceItem, Diagnostic> {
         }
     }
     Ok(SourceItem::Defs(defs))
+}
+
+/// How deeply brackets and prefix operators may nest. The parser and every pass
+/// after it recurse over the tree, so a limit here keeps any input from
+/// overflowing the stack; real losses nest a few levels.
+pub const MAX_NESTING: usize = 200;
+
+fn check_nesting(text: &str, file: FileId) -> Result<(), Diagnostic> {
+    let mut depth = 0usize;
+    let mut run = 0usize; // consecutive prefix minus signs, which nest
+    let mut powers = 0usize; // `^` is right-associative: a chain of them nests
+    let mut in_comment = false;
+    for (i, c) in text.char_indices() {
+        if in_comment || text[i..].starts_with("//") {
+            in_comment = c != '\n';
+            continue;
+        }
+        match c {
+            '(' | '[' | '{' => depth += 1,
+            ')' | ']' | '}' => depth = depth.saturating_sub(1),
+            '-' => run += 1,
+            '^' => powers += 1,
+            c if c.is_whitespace() => {}
+            _ => run = 0,
+        }
+        // Any other operator or bracket ends a chain of `^`.
+        if "+*/<>=!,;()[]{}".contains(c) {
+            powers = 0;
+        }
+        if depth > MAX_NESTING || run > MAX_NESTING || powers > MAX_NESTING {
+            return Err(Diagnostic::new(
+                "parse::too_deep",
+                Span { file, start: i, end: i + c.len_utf8() },
+                "the source nests too deeply",
+            )
+            .label(format!("more than {MAX_NESTING} levels deep here"))
+            .help("split the expression with `let`"));
+        }
+    }
+    Ok(())
+}
+
+/// The expression, unless its tree is deeper than `MAX_NESTING`.
+fn bounded(e: Expr) -> Result<Expr, Diagnostic> {
+    if e.depth as usize > MAX_NESTING {
+        return Err(Diagnostic::new("parse::too_deep", e.span, "the expression nests too deeply")
+            .label(format!("more than {MAX_NESTING} levels of operators and calls"))
+            .help("split it into smaller pieces with `let`"));
+    }
+    Ok(e)
 }
 
 fn pratt() -> &'static PrattParser<Rule> {
@@ -60,19 +111,12 @@ type R<T> = Result<T, Diagnostic>;
 impl Cx {
     fn span(&self, pair: &Pair<Rule>) -> Span {
         let s = pair.as_span();
-        Span {
-            file: self.file,
-            start: s.start(),
-            end: s.end(),
-        }
+        Span { file: self.file, start: s.start(), end: s.end() }
     }
 
     fn ident(&self, pair: Pair<Rule>) -> Ident {
         debug_assert_eq!(pair.as_rule(), Rule::ident);
-        Ident {
-            name: pair.as_str().to_string(),
-            span: self.span(&pair),
-        }
+        Ident { name: pair.as_str().to_string(), span: self.span(&pair) }
     }
 
     fn loss_def(&self, pair: Pair<Rule>) -> R<LossDef> {
@@ -86,23 +130,13 @@ impl Cx {
             match p.as_rule() {
                 Rule::doc => {
                     let text = p.into_inner().next().map_or("", |t| t.as_str());
-                    doc.push(
-                        text.strip_prefix(' ')
-                            .unwrap_or(text)
-                            .trim_end()
-                            .to_string(),
-                    );
+                    doc.push(text.strip_prefix(' ').unwrap_or(text).trim_end().to_string());
                 }
                 Rule::kw_loss => {}
                 Rule::ident => name = Some(self.ident(p)),
                 Rule::params => (tensors, hypers) = self.params(p)?,
                 Rule::block => body = Some(self.block(p)?),
-                Rule::expr => {
-                    body = Some(Block {
-                        lets: vec![],
-                        result: Box::new(self.expr(p)?),
-                    })
-                }
+                Rule::expr => body = Some(Block { lets: vec![], result: Box::new(self.expr(p)?) }),
                 r => unreachable!("unexpected {r:?} in loss_def"),
             }
         }
@@ -125,14 +159,11 @@ impl Cx {
                 let name = self.ident(inner.next().expect("invariant: param has a name"));
                 match p.as_rule() {
                     Rule::tensor_param => {
-                        let axes = inner
-                            .next()
-                            .map(|a| a.into_inner().map(|i| self.ident(i)).collect());
+                        let axes = inner.next().map(|a| a.into_inner().map(|i| self.ident(i)).collect());
                         tensors.push(TensorParam { name, axes });
                     }
                     Rule::hyper_param => {
-                        let default =
-                            self.expr(inner.next().expect("invariant: hyper has a default"))?;
+                        let default = self.expr(inner.next().expect("invariant: hyper has a default"))?;
                         hypers.push(HyperParam { name, default });
                     }
                     r => unreachable!("unexpected {r:?} in params"),
@@ -157,10 +188,7 @@ impl Cx {
                 r => unreachable!("unexpected {r:?} in block"),
             }
         }
-        Ok(Block {
-            lets,
-            result: Box::new(result.expect("invariant: block ends in an expression")),
-        })
+        Ok(Block { lets, result: Box::new(result.expect("invariant: block ends in an expression")) })
     }
 
     fn expr(&self, pair: Pair<Rule>) -> R<Expr> {
@@ -168,15 +196,8 @@ impl Cx {
             .map_primary(|p| self.primary(p))
             .map_prefix(|op, rhs| {
                 let rhs = rhs?;
-                let span = Span {
-                    file: self.file,
-                    start: op.as_span().start(),
-                    end: rhs.span.end,
-                };
-                Ok(Expr {
-                    kind: ExprKind::Neg(Box::new(rhs)),
-                    span,
-                })
+                let span = Span { file: self.file, start: op.as_span().start(), end: rhs.span.end };
+                bounded(Expr::new(ExprKind::Neg(Box::new(rhs)), span))
             })
             .map_infix(|lhs, op, rhs| {
                 let (lhs, rhs) = (lhs?, rhs?);
@@ -194,15 +215,8 @@ impl Cx {
                     Rule::ne => BinOp::Ne,
                     r => unreachable!("not an infix operator: {r:?}"),
                 };
-                let span = Span {
-                    file: self.file,
-                    start: lhs.span.start,
-                    end: rhs.span.end,
-                };
-                Ok(Expr {
-                    kind: ExprKind::Binary(op, Box::new(lhs), Box::new(rhs)),
-                    span,
-                })
+                let span = Span { file: self.file, start: lhs.span.start, end: rhs.span.end };
+                bounded(Expr::new(ExprKind::Binary(op, Box::new(lhs), Box::new(rhs)), span))
             })
             .parse(pair.into_inner())
     }
@@ -212,9 +226,7 @@ impl Cx {
         let kind = match pair.as_rule() {
             Rule::number => {
                 let text = pair.as_str();
-                let v: f64 = text
-                    .parse()
-                    .expect("invariant: the grammar only admits valid numbers");
+                let v: f64 = text.parse().expect("invariant: the grammar only admits valid numbers");
                 if !v.is_finite() {
                     return Err(Diagnostic::new(
                         "parse::number_out_of_range",
@@ -235,13 +247,11 @@ impl Cx {
                 let args = inner.map(|a| self.arg(a)).collect::<R<Vec<_>>>()?;
                 ExprKind::Call { func, args }
             }
-            Rule::tuple => {
-                ExprKind::Tuple(pair.into_inner().map(|p| self.expr(p)).collect::<R<_>>()?)
-            }
+            Rule::tuple => ExprKind::Tuple(pair.into_inner().map(|p| self.expr(p)).collect::<R<_>>()?),
             Rule::sorted => ExprKind::Sorted(Box::new(self.sorted(pair)?)),
             r => unreachable!("unexpected primary {r:?}"),
         };
-        Ok(Expr { kind, span })
+        bounded(Expr::new(kind, span))
     }
 
     fn arg(&self, pair: Pair<Rule>) -> R<Arg> {
@@ -253,10 +263,7 @@ impl Cx {
                 _ => value = Some(self.primary(p)?),
             }
         }
-        Ok(Arg {
-            name,
-            value: value.expect("invariant: arg has a value"),
-        })
+        Ok(Arg { name, value: value.expect("invariant: arg has a value") })
     }
 
     fn sorted(&self, pair: Pair<Rule>) -> R<SortedBlock> {
@@ -288,8 +295,7 @@ impl Cx {
                 Rule::sort_opt => {
                     let mut inner = p.into_inner();
                     let name = self.ident(inner.next().expect("invariant: option has a name"));
-                    let value =
-                        self.primary(inner.next().expect("invariant: option has a value"))?;
+                    let value = self.primary(inner.next().expect("invariant: option has a value"))?;
                     options.push((name, value));
                 }
                 Rule::block => body = Some(self.block(p)?),
@@ -358,6 +364,13 @@ fn parse_error(e: pest::error::Error<Rule>, text: &str, file: FileId) -> Diagnos
         InputLocation::Pos(p) => (p, p),
         InputLocation::Span(s) => s,
     };
+    // At the end of input, point just past the last token, not at a trailing newline.
+    let (start, end) = if start >= text.trim_end().len() {
+        let last = text.trim_end().len();
+        (last, last)
+    } else {
+        (start, end)
+    };
     // Underline the offending token (or the end of input).
     let end = if end > start {
         end
@@ -365,8 +378,7 @@ fn parse_error(e: pest::error::Error<Rule>, text: &str, file: FileId) -> Diagnos
         let rest = &text[start.min(text.len())..];
         let token = rest.chars().next().map_or(0, |c| {
             if c.is_alphanumeric() || c == '_' {
-                rest.find(|c: char| !(c.is_alphanumeric() || c == '_'))
-                    .unwrap_or(rest.len())
+                rest.find(|c: char| !(c.is_alphanumeric() || c == '_')).unwrap_or(rest.len())
             } else {
                 c.len_utf8()
             }
@@ -374,19 +386,12 @@ fn parse_error(e: pest::error::Error<Rule>, text: &str, file: FileId) -> Diagnos
         start + token
     };
     let span = Span { file, start, end };
-    let found = if start >= text.trim_end().len() {
-        "end of input".to_string()
-    } else {
-        format!("`{}`", &text[start..end])
-    };
+    let found =
+        if start >= text.trim_end().len() { "end of input".to_string() } else { format!("`{}`", &text[start..end]) };
     let attempts = e.parse_attempts();
     match e.variant {
-        ErrorVariant::ParsingError {
-            positives,
-            negatives,
-        } => {
-            let mut expected: Vec<String> =
-                positives.iter().map(|r| rule_name(r).to_string()).collect();
+        ErrorVariant::ParsingError { positives, negatives } => {
+            let mut expected: Vec<String> = positives.iter().map(|r| rule_name(r).to_string()).collect();
             if let Some(attempts) = attempts {
                 for t in attempts.expected_tokens() {
                     // Punctuation only: names, numbers and keywords come from the rule names.
@@ -399,16 +404,9 @@ fn parse_error(e: pest::error::Error<Rule>, text: &str, file: FileId) -> Diagnos
                     }
                 }
             }
-            let operators = [
-                "`+`", "`-`", "`*`", "`/`", "`^`", "`<`", "`<=`", "`>`", "`>=`", "`==`", "`!=`",
-                "operator",
-            ];
-            if expected
-                .iter()
-                .filter(|e| operators.contains(&e.as_str()))
-                .count()
-                > 2
-            {
+            let operators =
+                ["`+`", "`-`", "`*`", "`/`", "`^`", "`<`", "`<=`", "`>`", "`>=`", "`==`", "`!=`", "operator"];
+            if expected.iter().filter(|e| operators.contains(&e.as_str())).count() > 2 {
                 expected.retain(|e| !operators.contains(&e.as_str()));
                 expected.push("an operator".into());
             }
@@ -419,11 +417,7 @@ fn parse_error(e: pest::error::Error<Rule>, text: &str, file: FileId) -> Diagnos
                 1 => expected[0].to_string(),
                 n => format!("{} or {}", expected[..n - 1].join(", "), expected[n - 1]),
             };
-            let code = if found == "end of input" {
-                "parse::unexpected_end"
-            } else {
-                "parse::unexpected_token"
-            };
+            let code = if found == "end of input" { "parse::unexpected_end" } else { "parse::unexpected_token" };
             let mut d = Diagnostic::new(code, span, format!("unexpected {found}"));
             d = if what.is_empty() {
                 let unwanted: Vec<&str> = negatives.iter().map(rule_name).collect();
@@ -432,11 +426,12 @@ fn parse_error(e: pest::error::Error<Rule>, text: &str, file: FileId) -> Diagnos
             } else {
                 d.label(format!("expected {what}"))
             };
-            if found == "end of input" && text.matches('(').count() > text.matches(')').count() {
+            let word = &text[start..end];
+            if ["loss", "let", "sorted", "desc", "asc"].contains(&word) {
+                d = d.help(format!("`{word}` is a keyword and cannot be used as a name"));
+            } else if found == "end of input" && text.matches('(').count() > text.matches(')').count() {
                 d = d.help("a `(` is never closed");
-            } else if found == "end of input"
-                && text.matches('{').count() > text.matches('}').count()
-            {
+            } else if found == "end of input" && text.matches('{').count() > text.matches('}').count() {
                 d = d.help("a `{` is never closed");
             }
             d
@@ -482,10 +477,7 @@ mod tests {
 
     #[test]
     fn usual_precedence() {
-        assert_eq!(
-            show("a + b * c - d / e"),
-            "(Sub (Add a (Mul b c)) (Div d e))"
-        );
+        assert_eq!(show("a + b * c - d / e"), "(Sub (Add a (Mul b c)) (Div d e))");
         assert_eq!(show("-a * b"), "(Mul (neg a) b)");
         assert_eq!(show("a < b + 1"), "(Lt a (Add b 1))");
     }

@@ -53,18 +53,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Check { source } => check(&source),
-        Command::Show {
-            source,
-            grad,
-            params,
-        } => show(&source, grad, &params),
-        Command::Eval {
-            source,
-            params,
-            inputs,
-            grads,
-            backend: _,
-        } => eval(&source, &params, &inputs, &grads),
+        Command::Show { source, grad, params } => show(&source, grad, &params),
+        Command::Eval { source, params, inputs, grads, backend: _ } => eval(&source, &params, &inputs, &grads),
         Command::List => {
             list();
             Ok(())
@@ -98,11 +88,8 @@ impl From<Error> for Failure {
 /// SOURCE is a stdlib name, a path to a `.loss` file, or a bare expression.
 fn program(source: &str) -> Result<Program, Failure> {
     let path = Path::new(source);
-    if lossc::stdlib::stdlib().get(source).is_none()
-        && (source.ends_with(".loss") || path.is_file())
-    {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Failure(format!("error: cannot read {source}: {e}\n")))?;
+    if lossc::stdlib::stdlib().get(source).is_none() && (source.ends_with(".loss") || path.is_file()) {
+        let text = std::fs::read_to_string(path).map_err(|e| Failure(format!("error: cannot read {source}: {e}\n")))?;
         return Ok(Program::parse(source, &text)?);
     }
     Ok(Program::parse("<expr>", source)?)
@@ -136,20 +123,13 @@ fn eval(source: &str, params: &str, inputs: &[String], grads: &[String]) -> Resu
     for item in inputs {
         let (name, file) = split(item)?;
         let Some(i) = loss.inputs().iter().position(|s| s.name == name) else {
-            return Err(Failure(format!(
-                "error: `{}` has no input `{name}`\n",
-                loss.name()
-            )));
+            return Err(Failure(format!("error: `{}` has no input `{name}`\n", loss.name())));
         };
-        given[i] = Some(
-            npy::read(Path::new(&file)).map_err(|e| Failure(format!("error: {file}: {e}\n")))?,
-        );
+        given[i] = Some(npy::read(Path::new(&file)).map_err(|e| Failure(format!("error: {file}: {e}\n")))?);
     }
     let mut arrays = Vec::new();
     for (spec, g) in loss.inputs().iter().zip(given) {
-        arrays.push(
-            g.ok_or_else(|| Failure(format!("error: missing --input {}=FILE.npy\n", spec.name)))?,
-        );
+        arrays.push(g.ok_or_else(|| Failure(format!("error: missing --input {}=FILE.npy\n", spec.name)))?);
     }
     let tensors: Vec<&Tensor> = arrays.iter().map(|a| &a.tensor).collect();
     if grads.is_empty() {
@@ -160,10 +140,7 @@ fn eval(source: &str, params: &str, inputs: &[String], grads: &[String]) -> Resu
     for item in grads {
         let (name, file) = split(item)?;
         let Some(i) = loss.inputs().iter().position(|s| s.name == name) else {
-            return Err(Failure(format!(
-                "error: `{}` has no input `{name}`\n",
-                loss.name()
-            )));
+            return Err(Failure(format!("error: `{}` has no input `{name}`\n", loss.name())));
         };
         npy::write(Path::new(&file), &gradients[i], &arrays[i])
             .map_err(|e| Failure(format!("error: cannot write {file}: {e}\n")))?;
@@ -173,10 +150,7 @@ fn eval(source: &str, params: &str, inputs: &[String], grads: &[String]) -> Resu
 }
 
 /// The stdlib definitions that are losses (reduce to a scalar), and the helpers that are not.
-fn stdlib_losses() -> (
-    Vec<(&'static lossc::syntax::ast::LossDef, Loss)>,
-    Vec<&'static lossc::syntax::ast::LossDef>,
-) {
+fn stdlib_losses() -> (Vec<(&'static lossc::syntax::ast::LossDef, Loss)>, Vec<&'static lossc::syntax::ast::LossDef>) {
     let mut losses = Vec::new();
     let mut helpers = Vec::new();
     for def in &lossc::stdlib::stdlib().defs {
@@ -191,29 +165,18 @@ fn stdlib_losses() -> (
 fn list() {
     let (losses, helpers) = stdlib_losses();
     for (def, _) in &losses {
-        println!(
-            "{:<64} {}",
-            lossc::check::signature(def),
-            def.doc.first().map_or("", String::as_str)
-        );
+        println!("{:<64} {}", lossc::check::signature(def), def.doc.first().map_or("", String::as_str));
     }
     println!("\nhelpers (not scalar losses, callable from others):");
     for def in helpers {
-        println!(
-            "{:<64} {}",
-            lossc::check::signature(def),
-            def.doc.first().map_or("", String::as_str)
-        );
+        println!("{:<64} {}", lossc::check::signature(def), def.doc.first().map_or("", String::as_str));
     }
 }
 
 fn demo() -> Result<(), Failure> {
     let ext = [2, 3, 4096];
     println!("every stdlib loss on a synthetic batch [batch, class, spatial] = {ext:?}, f64 reference evaluator\n");
-    println!(
-        "{:<26} {:>14} {:>12} {:>10}",
-        "loss", "value", "max |grad|", "ms"
-    );
+    println!("{:<26} {:>14} {:>12} {:>10}", "loss", "value", "max |grad|", "ms");
     let mut rng = lossc::synth::Rng::new(7);
     for (def, loss) in stdlib_losses().0 {
         let inputs = lossc::synth::inputs(loss.inputs(), ext, &mut rng);
@@ -221,14 +184,8 @@ fn demo() -> Result<(), Failure> {
         let start = Instant::now();
         let (value, grads) = loss.eval_grad(&refs)?;
         let ms = start.elapsed().as_secs_f64() * 1e3;
-        let gmax = grads
-            .iter()
-            .flat_map(|g| &g.data)
-            .fold(0.0f64, |m, v| m.max(v.abs()));
-        println!(
-            "{:<26} {value:>14.8} {gmax:>12.3e} {ms:>10.1}",
-            def.name.name
-        );
+        let gmax = grads.iter().flat_map(|g| &g.data).fold(0.0f64, |m, v| m.max(v.abs()));
+        println!("{:<26} {value:>14.8} {gmax:>12.3e} {ms:>10.1}", def.name.name);
     }
     Ok(())
 }

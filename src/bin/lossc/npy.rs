@@ -23,10 +23,7 @@ fn to_bcs(shape: &[u64]) -> Result<[usize; 3], String> {
         [a] => [1, 1, n(*a)?],
         [a, b] => [n(*a)?, n(*b)?, 1],
         [a, b, rest @ ..] => {
-            let s = rest
-                .iter()
-                .try_fold(1u64, |acc, &d| acc.checked_mul(d))
-                .ok_or("shape overflows")?;
+            let s = rest.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d)).ok_or("shape overflows")?;
             [n(*a)?, n(*b)?, n(s)?]
         }
     })
@@ -46,68 +43,17 @@ pub fn read(path: &Path) -> Result<Array, String> {
     let size = ts.size_field();
     let err = |e: std::io::Error| e.to_string();
     let (data, float64): (Vec<f64>, bool) = match (ts.type_char(), size) {
-        (TypeChar::Float, 4) => (
-            npy.into_vec::<f32>()
-                .map_err(err)?
-                .into_iter()
-                .map(f64::from)
-                .collect(),
-            false,
-        ),
+        (TypeChar::Float, 4) => (npy.into_vec::<f32>().map_err(err)?.into_iter().map(f64::from).collect(), false),
         (TypeChar::Float, 8) => (npy.into_vec::<f64>().map_err(err)?, true),
-        (TypeChar::Int, 1) => (
-            npy.into_vec::<i8>()
-                .map_err(err)?
-                .into_iter()
-                .map(f64::from)
-                .collect(),
-            false,
-        ),
-        (TypeChar::Int, 2) => (
-            npy.into_vec::<i16>()
-                .map_err(err)?
-                .into_iter()
-                .map(f64::from)
-                .collect(),
-            false,
-        ),
-        (TypeChar::Int, 4) => (
-            npy.into_vec::<i32>()
-                .map_err(err)?
-                .into_iter()
-                .map(f64::from)
-                .collect(),
-            false,
-        ),
-        (TypeChar::Int, 8) => (
-            npy.into_vec::<i64>()
-                .map_err(err)?
-                .into_iter()
-                .map(|v| v as f64)
-                .collect(),
-            false,
-        ),
-        (TypeChar::Uint, 1) | (TypeChar::Bool, 1) => (
-            npy.into_vec::<u8>()
-                .map_err(err)?
-                .into_iter()
-                .map(f64::from)
-                .collect(),
-            false,
-        ),
-        (TypeChar::Uint, 4) => (
-            npy.into_vec::<u32>()
-                .map_err(err)?
-                .into_iter()
-                .map(f64::from)
-                .collect(),
-            false,
-        ),
-        (c, s) => {
-            return Err(format!(
-                "unsupported dtype {c:?}{s}; use float32 or float64"
-            ))
+        (TypeChar::Int, 1) => (npy.into_vec::<i8>().map_err(err)?.into_iter().map(f64::from).collect(), false),
+        (TypeChar::Int, 2) => (npy.into_vec::<i16>().map_err(err)?.into_iter().map(f64::from).collect(), false),
+        (TypeChar::Int, 4) => (npy.into_vec::<i32>().map_err(err)?.into_iter().map(f64::from).collect(), false),
+        (TypeChar::Int, 8) => (npy.into_vec::<i64>().map_err(err)?.into_iter().map(|v| v as f64).collect(), false),
+        (TypeChar::Uint, 1) | (TypeChar::Bool, 1) => {
+            (npy.into_vec::<u8>().map_err(err)?.into_iter().map(f64::from).collect(), false)
         }
+        (TypeChar::Uint, 4) => (npy.into_vec::<u32>().map_err(err)?.into_iter().map(f64::from).collect(), false),
+        (c, s) => return Err(format!("unsupported dtype {c:?}{s}; use float32 or float64")),
     };
     if data.len() != bcs.iter().product::<usize>() {
         return Err(format!(
@@ -116,11 +62,7 @@ pub fn read(path: &Path) -> Result<Array, String> {
             bcs.iter().product::<usize>()
         ));
     }
-    Ok(Array {
-        tensor: Tensor::new(bcs, data),
-        shape,
-        float64,
-    })
+    Ok(Array { tensor: Tensor::new(bcs, data), shape, float64 })
 }
 
 /// Writes `grad` with the shape of `like`: float64 for a float64 input, float32 otherwise.
@@ -128,21 +70,13 @@ pub fn write(path: &Path, grad: &Tensor, like: &Array) -> Result<(), String> {
     let file = BufWriter::new(File::create(path).map_err(|e| e.to_string())?);
     let err = |e: std::io::Error| e.to_string();
     if like.float64 {
-        let mut w = npyz::WriteOptions::new()
-            .default_dtype()
-            .shape(&like.shape)
-            .writer(file)
-            .begin_nd()
-            .map_err(err)?;
+        let mut w =
+            npyz::WriteOptions::new().default_dtype().shape(&like.shape).writer(file).begin_nd().map_err(err)?;
         w.extend(grad.data.iter().copied()).map_err(err)?;
         w.finish().map_err(err)?;
     } else {
-        let mut w = npyz::WriteOptions::new()
-            .default_dtype()
-            .shape(&like.shape)
-            .writer(file)
-            .begin_nd()
-            .map_err(err)?;
+        let mut w =
+            npyz::WriteOptions::new().default_dtype().shape(&like.shape).writer(file).begin_nd().map_err(err)?;
         w.extend(grad.data.iter().map(|&v| v as f32)).map_err(err)?;
         w.finish().map_err(err)?;
     }
