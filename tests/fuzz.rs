@@ -473,12 +473,12 @@ const DEEP_KINDS: &[&str] = &["parens", "calls", "negation", "negated_parens", "
 /// `p^p^...^p` in the parser's Pratt recursion (~880), `show_grad` of a chain of `let`s in
 /// `ir::print` (~376), and a chain of losses each calling the previous one in the
 /// checker's inlining (~120).
-const OVERFLOWING_KINDS: &[&str] = &["power", "let_chain", "loss_chain"];
+const CHAIN_KINDS: &[&str] = &["power", "let_chain", "loss_chain"];
 
 /// Every kind of nesting at small depths, in this process.
 #[test]
 fn shallow_nesting() {
-    for kind in DEEP_KINDS.iter().chain(OVERFLOWING_KINDS) {
+    for kind in DEEP_KINDS.iter().chain(CHAIN_KINDS) {
         for depth in [1, 2, 10, 50] {
             let src = deep_source(kind, depth);
             if let Err(message) = try_source(&src, 1) {
@@ -523,14 +523,14 @@ fn deep_nesting() {
     deep_cases(DEEP_KINDS, &[200, 2_000, 20_000]);
 }
 
-/// As `deep_nesting`, for the kinds that still overflow the stack.
+/// As `deep_nesting`, for the kinds that once overflowed the stack: `^` chains,
+/// `let` chains (printing) and chains of loss calls.
 #[test]
-#[ignore = "bug: stack overflow on deep `^` chains, `let` chains (show_grad) and loss-call chains"]
-fn deep_nesting_overflows() {
-    deep_cases(OVERFLOWING_KINDS, &[200, 2_000, 20_000]);
+fn deep_chains() {
+    deep_cases(CHAIN_KINDS, &[200, 2_000, 20_000]);
 }
 
-/// The child side of `deep_nesting` and `deep_nesting_overflows`: runs the case named by `LOSSC_DEEP=kind:depth`.
+/// The child side of `deep_nesting` and `deep_chains`: runs the case named by `LOSSC_DEEP=kind:depth`.
 #[test]
 #[ignore = "run by `deep_nesting` in a child process"]
 fn deep_nesting_child() {

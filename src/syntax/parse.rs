@@ -427,7 +427,7 @@ fn parse_error(e: pest::error::Error<Rule>, text: &str, file: FileId) -> Diagnos
                 d.label(format!("expected {what}"))
             };
             let word = &text[start..end];
-            if ["loss", "let", "sorted", "desc", "asc"].contains(&word) {
+            if ["loss", "let", "sorted", "desc", "asc"].contains(&word) && what.contains("name") {
                 d = d.help(format!("`{word}` is a keyword and cannot be used as a name"));
             } else if found == "end of input" && text.matches('(').count() > text.matches(')').count() {
                 d = d.help("a `(` is never closed");

@@ -1,0 +1,155 @@
+//! The `lossc` binary as a user runs it: check, show, eval with .npy files, list, demo.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use lossc::synth::{self, Rng};
+use lossc::{Loss, Tensor};
+use npyz::WriterBuilder;
+
+fn lossc(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lossc")).args(args).output().expect("runs lossc")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("lossc-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+fn write_npy_f32(path: &Path, shape: &[u64], data: &[f64]) {
+    let file = std::io::BufWriter::new(std::fs::File::create(path).expect("create"));
+    let mut w = npyz::WriteOptions::new().default_dtype().shape(shape).writer(file).begin_nd().expect("header");
+    w.extend(data.iter().map(|&v| v as f32)).expect("data");
+    w.finish().expect("finish");
+}
+
+fn write_npy_f64(path: &Path, shape: &[u64], data: &[f64]) {
+    let file = std::io::BufWriter::new(std::fs::File::create(path).expect("create"));
+    let mut w = npyz::WriteOptions::new().default_dtype().shape(shape).writer(file).begin_nd().expect("header");
+    w.extend(data.iter().copied()).expect("data");
+    w.finish().expect("finish");
+}
+
+#[test]
+fn check_reports_ok_and_errors_with_line_and_column() {
+    let ok = lossc(&["check", "tversky"]);
+    assert!(ok.status.success() && stdout(&ok).contains("tversky takes p, y"), "{}", stderr(&ok));
+    let bad = lossc(&["check", "dice(p,\n  y"]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(stderr(&bad).contains("<expr>:2:4"), "{}", stderr(&bad));
+    let typo = lossc(&["check", "dise(p, y)"]);
+    assert!(stderr(&typo).contains("did you mean `dice`?"), "{}", stderr(&typo));
+}
+
+#[test]
+fn check_reads_loss_files() {
+    let dir = scratch("files");
+    let path = dir.join("mine.loss");
+    std::fs::write(&path, "/// Mine.\nloss mine(p, y; a = 2) {\n    let d = dice(p, y);\n    d ^ a\n}\n")
+        .expect("write");
+    let o = lossc(&["show", path.to_str().expect("utf-8"), "--params", "a=3"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).starts_with("loss mine(p, y; a = 3)"), "{}", stdout(&o));
+    std::fs::write(&path, "loss mine(p, y) {\n    let d = dice(p, y)\n    d\n}\n").expect("write");
+    let o = lossc(&["check", path.to_str().expect("utf-8")]);
+    assert!(stderr(&o).contains("mine.loss:3:5"), "{}", stderr(&o));
+}
+
+#[test]
+fn show_prints_the_canonical_form_and_gradient() {
+    let o = lossc(&["show", "dice", "--grad"]);
+    let text = stdout(&o);
+    assert!(text.starts_with("loss dice(p, y; smooth = 1)\n"), "{text}");
+    assert!(text.contains("  d/dp = ") && text.contains("  d/dy = "), "{text}");
+    let o = lossc(&["show", "tversky", "--params", "alpha=0.3,beta=0.7"]);
+    assert!(stdout(&o).starts_with("loss tversky(p, y; alpha = 0.3, beta = 0.7, smooth = 1)"));
+    let o = lossc(&["show", "tversky", "--params", "gamma=2"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("unknown parameter `gamma`"), "{}", stderr(&o));
+}
+
+/// `eval` on float32 and float64 files agrees with the library's interpreter and
+/// writes gradients in the input's dtype and shape.
+#[test]
+fn eval_with_npy_inputs_and_gradients() {
+    let dir = scratch("eval");
+    let loss = Loss::compile("dice_multiclass", "").expect("compiles");
+    let ext = [2, 3, 20];
+    let mut rng = Rng::new(rand::random());
+    let inputs = synth::inputs(loss.inputs(), ext, &mut rng);
+    // NCHW: [2, 3, 4, 5] maps to [2, 3, 20].
+    let shape = [2u64, 3, 4, 5];
+    let (x, y) = (dir.join("x.npy"), dir.join("y.npy"));
+    write_npy_f32(&x, &shape, &inputs[0].data);
+    write_npy_f64(&y, &shape, &inputs[1].data);
+    let gx = dir.join("gx.npy");
+    let gy = dir.join("gy.npy");
+    let arg = |k: &str, p: &Path| format!("{k}={}", p.display());
+    let o = lossc(&[
+        "eval",
+        "dice_multiclass",
+        "--input",
+        &arg("x", &x),
+        "--input",
+        &arg("y", &y),
+        "--grad",
+        &arg("x", &gx),
+        "--grad",
+        &arg("y", &gy),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let printed: f64 = stdout(&o).lines().last().expect("a value").parse().expect("a number");
+    // The CLI read x as float32: evaluate the same rounded values here.
+    let x32 = Tensor::new(ext, inputs[0].data.iter().map(|&v| f64::from(v as f32)).collect());
+    let (want, grads) = loss.eval_grad(&[&x32, &inputs[1]]).expect("evaluates");
+    assert_eq!(printed, want, "the value is printed with full precision");
+
+    let gx_file = npyz::NpyFile::new(std::fs::File::open(&gx).expect("gx written")).expect("npy");
+    assert_eq!(gx_file.shape(), &shape);
+    assert_eq!(gx_file.dtype().descr(), "'<f4'", "float32 input, float32 gradient");
+    let gx_data: Vec<f32> = gx_file.into_vec().expect("f32 data");
+    for (a, b) in gx_data.iter().zip(&grads[0].data) {
+        assert_eq!(*a, *b as f32);
+    }
+    let gy_file = npyz::NpyFile::new(std::fs::File::open(&gy).expect("gy written")).expect("npy");
+    assert_eq!(gy_file.dtype().descr(), "'<f8'", "float64 input, float64 gradient");
+    let gy_data: Vec<f64> = gy_file.into_vec().expect("f64 data");
+    assert_eq!(gy_data, grads[1].data);
+}
+
+#[test]
+fn eval_reports_shape_and_input_errors() {
+    let dir = scratch("errors");
+    let (p, y) = (dir.join("p.npy"), dir.join("y.npy"));
+    write_npy_f32(&p, &[2, 3, 4], &[0.5; 24]);
+    write_npy_f32(&y, &[2, 2, 4], &[1.0; 16]);
+    let arg = |k: &str, f: &Path| format!("{k}={}", f.display());
+    let o = lossc(&["eval", "dice", "--input", &arg("p", &p), "--input", &arg("y", &y)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("broadcast") && stderr(&o).contains("`y`"), "{}", stderr(&o));
+    let o = lossc(&["eval", "dice", "--input", &arg("p", &p)]);
+    assert!(stderr(&o).contains("missing --input y="), "{}", stderr(&o));
+    let o = lossc(&["eval", "dice", "--input", &arg("q", &p)]);
+    assert!(stderr(&o).contains("no input `q`"), "{}", stderr(&o));
+    let o = lossc(&["eval", "dice", "--input", "p=/nonexistent.npy", "--input", &arg("y", &y)]);
+    assert!(stderr(&o).contains("/nonexistent.npy"), "{}", stderr(&o));
+}
+
+#[test]
+fn list_and_demo() {
+    let o = lossc(&["list"]);
+    let text = stdout(&o);
+    assert!(text.lines().filter(|l| l.starts_with("lovasz")).count() >= 3, "{text}");
+    let o = lossc(&["demo"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).lines().filter(|l| l.contains('.')).count() >= 25, "{}", stdout(&o));
+}
