@@ -9,6 +9,8 @@ fn canonical_forms_of_the_stdlib() {
     for def in &lossc::stdlib::stdlib().defs {
         let Ok(loss) = Loss::compile(&def.name.name, "") else { continue };
         insta::assert_snapshot!(format!("stdlib_{}", def.name.name), loss.show_grad());
+        let plan = lossc::schedule::schedule(&loss);
+        insta::assert_snapshot!(format!("plan_{}", def.name.name), plan.print(&loss));
         count += 1;
     }
     assert!(count >= 25, "{count} stdlib losses");

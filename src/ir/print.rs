@@ -31,7 +31,8 @@ pub fn print_graph(g: &Graph, roots: &[(&str, NodeId)], inputs: &[String]) -> Pr
     for &id in &order {
         let n = g.node(id);
         let h = 1 + n.args.iter().map(|a| height.get(a).copied().unwrap_or(0)).max().unwrap_or(0);
-        let shared = uses.get(&id).copied().unwrap_or(0) > 1 || n.space == Space::Permutation || h > MAX_INLINE_DEPTH;
+        let used = uses.get(&id).copied().unwrap_or(0);
+        let shared = used > 1 || (n.space == Space::Permutation && used > 0) || h > MAX_INLINE_DEPTH;
         if shared && n.op.arity() > 0 {
             let text = p.expr(id, 0);
             let name = format!("{}{}", if n.space == Space::Permutation { "s" } else { "t" }, p.names.len());

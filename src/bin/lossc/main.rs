@@ -20,11 +20,14 @@ struct Cli {
 enum Command {
     /// Parse and check a loss; print diagnostics and exit 1 if it has errors.
     Check { source: String },
-    /// Print the canonical form of a loss (and with --grad, of its gradients).
+    /// Print the canonical form of a loss (with --grad, of its gradients; with --plan, its sweeps).
     Show {
         source: String,
         #[arg(long)]
         grad: bool,
+        /// Print the sweep plan: what each pass over the elements computes.
+        #[arg(long, conflicts_with = "grad")]
+        plan: bool,
         /// Hyperparameters, as `alpha=0.3,beta=0.7`.
         #[arg(long, default_value = "")]
         params: String,
@@ -53,7 +56,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Check { source } => check(&source),
-        Command::Show { source, grad, params } => show(&source, grad, &params),
+        Command::Show { source, grad, plan, params } => show(&source, grad, plan, &params),
         Command::Eval { source, params, inputs, grads, backend: _ } => eval(&source, &params, &inputs, &grads),
         Command::List => {
             list();
@@ -106,9 +109,16 @@ fn check(source: &str) -> Result<(), Failure> {
     Ok(())
 }
 
-fn show(source: &str, grad: bool, params: &str) -> Result<(), Failure> {
+fn show(source: &str, grad: bool, plan: bool, params: &str) -> Result<(), Failure> {
     let loss = compile(source, params)?;
-    print!("{}", if grad { loss.show_grad() } else { loss.show() });
+    let text = if plan {
+        lossc::schedule::schedule(&loss).print(&loss)
+    } else if grad {
+        loss.show_grad()
+    } else {
+        loss.show()
+    };
+    print!("{text}");
     Ok(())
 }
 
