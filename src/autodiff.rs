@@ -152,7 +152,17 @@ fn local_gradients(g: &mut Graph, id: NodeId, a: NodeId) -> Vec<(usize, NodeId)>
             vec![(0, b.mul(a, w))]
         }
         // A value constant within each group is the same in any order.
-        Op::Gather => vec![(1, b.in_order(Op::Scatter, x0, a))],
+        Op::Gather => {
+            // A group-constant adjoint is the same in any order; gathering broadcast `v`
+            // over the axes it does not vary over used each of its values that many times.
+            if b.g.space(a) == Space::Elements {
+                let copies = AxisSet::ALL.minus(b.g.axes(x1)).minus(b.g.axes(a));
+                let term = if copies.is_empty() { a } else { b.op(Op::Sum(copies), &[a]) };
+                vec![(1, term)]
+            } else {
+                vec![(1, b.op(Op::Scatter, &[x0, a]))]
+            }
+        }
         Op::Scatter => vec![(1, b.op(Op::Gather, &[x0, a]))],
         Op::Cumsum => vec![(1, b.op(Op::RevCumsum, &[x0, a]))],
         Op::RevCumsum => vec![(1, b.op(Op::Cumsum, &[x0, a]))],
@@ -188,13 +198,5 @@ impl Builder<'_> {
     fn add_c(&mut self, x: NodeId, c: f64) -> NodeId {
         let c = self.c(c);
         self.op(Op::Add, &[x, c])
-    }
-    /// `op(sort, a)` where `a` is in sorted order; a group-constant `a` passes through.
-    fn in_order(&mut self, op: Op, sort: NodeId, a: NodeId) -> NodeId {
-        if self.g.space(a) == Space::Elements {
-            a
-        } else {
-            self.op(op, &[sort, a])
-        }
     }
 }

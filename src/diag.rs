@@ -89,6 +89,17 @@ impl Diagnostics {
         &self.files[id.0 as usize]
     }
 
+    /// The name file `i` is shown under: unique, so that a user's file named like a
+    /// built-in one (`stdlib/dice.loss`) is never rendered against the wrong text.
+    fn display_name(&self, i: usize) -> String {
+        let name = &self.files[i].name;
+        if self.files[..i].iter().any(|f| &f.name == name) {
+            format!("{name} (built-in)")
+        } else {
+            name.clone()
+        }
+    }
+
     /// `file:line:col: error[code]: message` for each diagnostic, one per line.
     pub fn summary(&self) -> String {
         let mut out = String::new();
@@ -109,7 +120,7 @@ impl Diagnostics {
         use ariadne::{CharSet, Config, Label, Report, ReportKind};
         let mut out = Vec::new();
         for d in &self.items {
-            let name = self.file(d.span.file).name.clone();
+            let name = self.display_name(d.span.file.0 as usize);
             let text_len = self.file(d.span.file).text.len();
             let start = d.span.start.min(text_len);
             let end = d.span.end.clamp(start, text_len);
@@ -129,7 +140,9 @@ impl Diagnostics {
             if let Some(h) = &d.help {
                 report = report.with_help(h);
             }
-            let cache = ariadne::sources(self.files.iter().map(|f| (f.name.clone(), f.text.to_string())));
+            let cache = ariadne::sources(
+                self.files.iter().enumerate().map(|(i, f)| (self.display_name(i), f.text.to_string())),
+            );
             report.finish().write(cache, &mut out).expect("invariant: writing a report to a Vec cannot fail");
         }
         String::from_utf8_lossy(&out).into_owned()

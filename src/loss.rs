@@ -85,6 +85,9 @@ impl Program {
         };
         let mut overrides = HashMap::new();
         for (k, v) in params {
+            if !v.is_finite() {
+                return Err(Error::Params(format!("parameter `{k}` must be finite, found {v}")));
+            }
             if !known.contains(k) {
                 let list = if known.is_empty() { "none".to_string() } else { known.join(", ") };
                 let hint = check::closest(k, known.iter().map(String::as_str))
@@ -103,6 +106,10 @@ impl Program {
         Ok(Loss::from_lowered(&self.name, lowered))
     }
 }
+
+/// The most broadcast elements the reference evaluator takes: it holds several f64
+/// arrays of this size at once.
+pub const MAX_REFERENCE_ELEMENTS: usize = 1 << 30;
 
 /// One compiled loss: its graph, the gradient of each input, and how to run them.
 /// Immutable after compilation, so it can be shared across threads.
@@ -254,16 +261,40 @@ impl Loss {
         Ok(ext)
     }
 
+    /// Extents for evaluating on `inputs`, after checking their data and size.
+    fn checked_extents(&self, inputs: &[&Tensor]) -> Result<[usize; 3], Error> {
+        let ext = self.extents(&inputs.iter().map(|t| t.shape).collect::<Vec<_>>())?;
+        for (spec, t) in self.inputs.iter().zip(inputs) {
+            let want = t.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+            if want != Some(t.data.len()) {
+                return Err(Error::Shape(format!(
+                    "input `{}` has shape {:?} but holds {} values",
+                    spec.name,
+                    t.shape,
+                    t.data.len()
+                )));
+            }
+        }
+        let total = ext.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        match total {
+            Some(n) if n <= MAX_REFERENCE_ELEMENTS => Ok(ext),
+            _ => Err(Error::Shape(format!(
+                "the broadcast shape {ext:?} has more than {MAX_REFERENCE_ELEMENTS} elements, \
+                 too many for the f64 reference evaluator"
+            ))),
+        }
+    }
+
     /// The loss value, by the f64 reference evaluator.
     pub fn eval(&self, inputs: &[&Tensor]) -> Result<f64, Error> {
-        let ext = self.extents(&inputs.iter().map(|t| t.shape).collect::<Vec<_>>())?;
+        let ext = self.checked_extents(inputs)?;
         Ok(interp::evaluate(&self.graph, &[self.root], inputs, ext)[0].data[0])
     }
 
     /// The loss value and the gradient for every input (shaped like the input),
     /// by the f64 reference evaluator.
     pub fn eval_grad(&self, inputs: &[&Tensor]) -> Result<(f64, Vec<Tensor>), Error> {
-        let ext = self.extents(&inputs.iter().map(|t| t.shape).collect::<Vec<_>>())?;
+        let ext = self.checked_extents(inputs)?;
         let mut roots = vec![self.root];
         roots.extend(self.grads.iter().flatten());
         let values = interp::evaluate(&self.graph, &roots, inputs, ext);
@@ -273,8 +304,14 @@ impl Loss {
             .grads
             .iter()
             .zip(inputs)
-            .map(|(g, input)| match g {
-                Some(_) => values.next().expect("invariant: one per gradient").fit_to(input.shape),
+            .zip(&self.inputs)
+            .map(|((g, input), spec)| match g {
+                // An input given with extent 1 along an axis it may vary over is used once per
+                // element there: its gradient is the sum over those copies.
+                Some(_) => {
+                    let used = expected_shape(ext, spec.axes);
+                    values.next().expect("invariant: one per gradient").broadcast_to(used).fit_to(input.shape)
+                }
                 None => Tensor::filled(input.shape, 0.0),
             })
             .collect();

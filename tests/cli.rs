@@ -153,3 +153,30 @@ fn list_and_demo() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).lines().filter(|l| l.contains('.')).count() >= 25, "{}", stdout(&o));
 }
+
+/// A header promising more than the file holds, and bool masks.
+#[test]
+fn npy_headers_are_validated_and_bools_read() {
+    let dir = scratch("headers");
+    let hostile = dir.join("hostile.npy");
+    let header = "{'descr': '<f4', 'fortran_order': False, 'shape': (4611686018427387904, 4), }";
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    let pad = 64 - (10 + header.len() + 1) % 64;
+    let full = format!("{header}{}\n", " ".repeat(pad));
+    bytes.extend((full.len() as u16).to_le_bytes());
+    bytes.extend(full.as_bytes());
+    bytes.extend([0u8; 32]);
+    std::fs::write(&hostile, &bytes).expect("write");
+    let o = lossc(&["eval", "mean(p)", "--input", &format!("p={}", hostile.display())]);
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert!(stderr(&o).contains("hostile.npy") && !stderr(&o).contains("panicked"), "{}", stderr(&o));
+
+    let mask = dir.join("mask.npy");
+    let file = std::io::BufWriter::new(std::fs::File::create(&mask).expect("create"));
+    let mut w = npyz::WriteOptions::<bool>::new().default_dtype().shape(&[4]).writer(file).begin_nd().expect("header");
+    w.extend([true, false, true, true]).expect("data");
+    w.finish().expect("finish");
+    let o = lossc(&["eval", "mean(m)", "--input", &format!("m={}", mask.display())]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o).trim(), "0.75");
+}

@@ -86,6 +86,9 @@ mod cases {
     case!(duplicate_parameter, "loss f(p, y; p = 1) = sum(p * y)", "check::duplicate_parameter", "1:14");
     case!(duplicate_let, "loss f(p, y) {\n    let a = sum(p);\n    let a = sum(y);\n    a\n}", "check::duplicate_binding", "3:9");
     case!(duplicate_definition, "loss f(p) = sum(p);\nloss g(p) = f(p);\nloss f(p) = mean(p);", "check::duplicate_definition", "3:6");
+    case!(sorted_header_duplicate, "sorted (x desc, g = y, g = x) { sum(g) }", "check::duplicate_binding", "1:24");
+    case!(default_not_scalar, "loss g(p; s = sum(p, by = class)) = sum(p) * s;\nloss f(p) = g(p);", "check::default_not_scalar", "1:15");
+    case!(calls_too_deep, "loss f0(p) = sum(p);\nloss f1(p) = f0(p);\nloss f2(p) = f1(p);\nloss f3(p) = f2(p);\nloss f4(p) = f3(p);\nloss f5(p) = f4(p);\nloss f6(p) = f5(p);\nloss f7(p) = f6(p);\nloss f8(p) = f7(p);\nloss f9(p) = f8(p);\nloss f10(p) = f9(p);\nloss f11(p) = f10(p);\nloss f12(p) = f11(p);\nloss f13(p) = f12(p);\nloss f14(p) = f13(p);\nloss f15(p) = f14(p);\nloss f16(p) = f15(p);\nloss f17(p) = f16(p);\nloss f18(p) = f17(p);\nloss f19(p) = f18(p);\nloss f20(p) = f19(p);\nloss f21(p) = f20(p);\nloss f22(p) = f21(p);\nloss f23(p) = f22(p);\nloss f24(p) = f23(p);\nloss f25(p) = f24(p);\nloss f26(p) = f25(p);\nloss f27(p) = f26(p);\nloss f28(p) = f27(p);\nloss f29(p) = f28(p);\nloss f30(p) = f29(p);\nloss f31(p) = f30(p);\nloss f32(p) = f31(p);\nloss f33(p) = f32(p);", "check::calls_too_deep", "3:14");
     case!(recursive_call, "loss f(p, y) =\n    f(p, y) + sum(p);", "check::recursive_call", "2:5");
     case!(mutually_recursive_call, "loss g(p) = sum(p) + h(p);\nloss h(p) = g(p);\nloss f(p) = h(p);", "check::recursive_call", "1:22");
     case!(non_constant_default, "loss f(p; a = sum(p)) = a * sum(p)", "check::default_not_constant", "1:15");

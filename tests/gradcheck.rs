@@ -140,3 +140,48 @@ fn user_expressions_and_broadcast_inputs() {
         check(&loss, [2, 3, 7], rand::random(), true);
     }
 }
+
+/// Finite differences on explicitly shaped inputs (fresh normal values).
+fn check_shapes(src: &str, shapes: &[[usize; 3]], seed: u64) {
+    let loss = Loss::compile(src, "").unwrap_or_else(|e| panic!("{src}: {e}"));
+    let mut rng = Rng::new(seed);
+    let inputs: Vec<Tensor> = shapes
+        .iter()
+        .map(|&s| Tensor::new(s, (0..s.iter().product::<usize>()).map(|_| rng.range(0.1, 2.0)).collect()))
+        .collect();
+    let refs: Vec<&Tensor> = inputs.iter().collect();
+    let (_, grads) = loss.eval_grad(&refs).expect("evaluates");
+    for (i, t) in inputs.iter().enumerate() {
+        assert_eq!(grads[i].shape, t.shape, "{src}: the gradient has the input's shape");
+        for k in 0..t.len() {
+            let h = 1e-5;
+            let (mut plus, mut minus) = (inputs.clone(), inputs.clone());
+            plus[i].data[k] += h;
+            minus[i].data[k] -= h;
+            let f = |t: &Vec<Tensor>| loss.eval(&t.iter().collect::<Vec<_>>()).expect("evaluates");
+            let fd = (f(&plus) - f(&minus)) / (2.0 * h);
+            let err = (fd - grads[i].data[k]).abs() / fd.abs().max(1e-3);
+            assert!(err < 1e-6, "{src} input {i}[{k}] (seed {seed}): {} vs {fd}", grads[i].data[k]);
+        }
+    }
+}
+
+/// Inputs given with extent 1 along an axis they may vary over are used once per
+/// element there; their gradient sums those uses.
+#[test]
+fn inputs_broadcast_at_run_time() {
+    let seed = rand::random();
+    check_shapes("mean(p) + mean(y)", &[[1, 1, 4], [2, 1, 4]], seed);
+    check_shapes(
+        "loss f(x, y, w) = sum(w * sum(x * y, by = class)) / sum(w);",
+        &[[2, 3, 4], [2, 3, 4], [1, 3, 1]],
+        seed,
+    );
+    check_shapes("dice(p, y) + sum(w)", &[[2, 3, 5], [2, 1, 5], [1, 3, 1]], seed);
+    check_shapes(
+        "loss f(x, m[batch, spatial]) = sorted (e = x desc, mm = m) { sum(relu(e)) / sum(mm) };",
+        &[[2, 3, 4], [2, 1, 4]],
+        seed,
+    );
+    check_shapes("loss f(w[class]) = sorted (k = w desc) { sum(k * k) };", &[[1, 3, 1]], seed);
+}

@@ -64,7 +64,15 @@ pub enum Entry<'a> {
 
 /// Lowers the entry with hyperparameter overrides `params` (already checked to exist).
 pub fn lower(env: &Env, entry: Entry, params: &HashMap<String, f64>) -> R<Lowered> {
-    let mut lw = Lowerer { g: Graph::new(false), env, inputs: vec![], input_nodes: vec![], free: false, stack: vec![] };
+    let mut lw = Lowerer {
+        g: Graph::new(false),
+        env,
+        inputs: vec![],
+        input_nodes: vec![],
+        free: false,
+        stack: vec![],
+        inlined: HashMap::new(),
+    };
     let mut scope = Scope::default();
     let mut hypers = Vec::new();
     let (root, result_span) = match entry {
@@ -193,6 +201,9 @@ struct Lowerer<'a> {
     free: bool,
     /// Losses being inlined, to reject recursion.
     stack: Vec<String>,
+    /// Inlined calls by loss, arguments and sort scope: the same call is one subgraph,
+    /// and repeated calls cost nothing (no blow-up for `f(x) + f(x)` chains).
+    inlined: HashMap<(String, Vec<NodeId>, Option<NodeId>), NodeId>,
 }
 
 impl Lowerer<'_> {
@@ -383,24 +394,32 @@ impl Lowerer<'_> {
                     }
                     v
                 }
+                // A callee's default may use its earlier hyperparameters (`b = 1 - a`),
+                // which may be any scalar here; it must not depend on a tensor.
                 None => self.in_callee(name, span, |lw| {
                     let v = lw.expr(&h.default, &callee)?;
-                    match lw.g.fold(v) {
-                        Some(c) => Ok(lw.g.constant(c)),
-                        None => Err(Diagnostic::new(
-                            "check::default_not_constant",
-                            h.default.span,
-                            "a default must be a constant",
-                        )
-                        .label("this does not reduce to a number")),
+                    if lw.g.axes(v).is_empty() && lw.g.space(v) == Space::Elements {
+                        Ok(v)
+                    } else {
+                        Err(Diagnostic::new("check::default_not_scalar", h.default.span, "a default must be a scalar")
+                            .label(format!("this varies over {}", lw.g.axes(v))))
                     }
                 })?,
             };
             callee.vars.insert(h.name.name.clone(), v);
         }
+        let mut key: Vec<NodeId> = def.tensors.iter().map(|t| callee.vars[&t.name.name]).collect();
+        key.extend(def.hypers.iter().map(|h| callee.vars[&h.name.name]));
+        let key = (name.clone(), key, scope.sorted);
+        if let Some(&done) = self.inlined.get(&key) {
+            return Ok(done);
+        }
         self.stack.push(name.clone());
         let result = self.in_callee(name, span, |lw| lw.block(&def.body, &callee));
         self.stack.pop();
+        if let Ok(id) = result {
+            self.inlined.insert(key, id);
+        }
         result
     }
 
@@ -449,7 +468,18 @@ impl Lowerer<'_> {
         inner.sorted = Some(sort);
         let sorted_key = self.build(Op::Gather, &[sort, key], key_span)?;
         inner.vars.insert(s.key.name.clone(), sorted_key);
+        let mut header = vec![s.key.name.as_str()];
         for (name, value) in &s.binds {
+            if header.contains(&name.name.as_str()) {
+                return Err(Diagnostic::new(
+                    "check::duplicate_binding",
+                    name.span,
+                    format!("`{}` is already bound in this `sorted` header", name.name),
+                )
+                .label("bound again here")
+                .help("use a new name"));
+            }
+            header.push(&name.name);
             let (v, vspan) = bound(self, name, value)?;
             let sv = self.build(Op::Gather, &[sort, v], vspan)?;
             inner.vars.insert(name.name.clone(), sv);

@@ -102,12 +102,16 @@ impl Graph {
 
     /// The value of a node built only from constants and elementwise ops, if it is one.
     pub fn fold(&self, id: NodeId) -> Option<f64> {
-        let n = self.node(id);
-        if let Op::Const(bits) = n.op {
-            return Some(f64::from_bits(bits));
+        let mut value: HashMap<NodeId, Option<f64>> = HashMap::new();
+        for n in self.reachable(&[id]) {
+            let node = self.node(n);
+            let v = match node.op {
+                Op::Const(bits) => Some(f64::from_bits(bits)),
+                op => node.args.iter().map(|a| value[a]).collect::<Option<Vec<f64>>>().and_then(|args| op.apply(&args)),
+            };
+            value.insert(n, v);
         }
-        let args: Option<Vec<f64>> = n.args.iter().map(|&a| self.fold(a)).collect();
-        n.op.apply(&args?)
+        value[&id]
     }
 
     pub fn constant(&mut self, v: f64) -> NodeId {

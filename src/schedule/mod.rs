@@ -116,6 +116,9 @@ impl Plan {
         let names: Vec<String> = loss.inputs().iter().map(|i| i.name.clone()).collect();
         let list = |idx: &BTreeSet<usize>| idx.iter().map(|&i| names[i].as_str()).collect::<Vec<_>>().join(", ");
         let mut out = format!("plan {}: {} sweep{}\n", loss.name(), self.sweeps.len(), plural(self.sweeps.len()));
+        if self.loss_ready_after == 0 {
+            out += "  the loss value needs no pass over the elements\n";
+        }
         for (k, s) in self.sweeps.iter().enumerate() {
             out += &format!(
                 "  sweep {}: read {}\n",

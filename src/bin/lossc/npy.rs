@@ -29,38 +29,54 @@ fn to_bcs(shape: &[u64]) -> Result<[usize; 3], String> {
     })
 }
 
+/// Reads an array, refusing headers that do not fit the file (a shape whose size
+/// overflows, or more values than the file holds) before anything is allocated.
 pub fn read(path: &Path) -> Result<Array, String> {
+    let file_len = std::fs::metadata(path).map_err(|e| e.to_string())?.len();
+    // npyz does unchecked arithmetic on the header's shape: a hostile header must be an
+    // error, not a crash (and not a panic message: the hook is silenced meanwhile).
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(|| read_checked(path, file_len));
+    std::panic::set_hook(hook);
+    result.unwrap_or_else(|_| Err("the .npy header is malformed (its shape does not fit in memory)".into()))
+}
+
+fn read_checked(path: &Path, file_len: u64) -> Result<Array, String> {
     let file = File::open(path).map_err(|e| e.to_string())?;
     let npy = NpyFile::new(BufReader::new(file)).map_err(|e| e.to_string())?;
     if npy.order() == npyz::Order::Fortran {
         return Err("Fortran-order arrays are not supported; save a C-order array".into());
     }
     let shape = npy.shape().to_vec();
-    let bcs = to_bcs(&shape)?;
     let DType::Plain(ts) = npy.dtype() else {
         return Err("only plain numeric dtypes are supported".into());
     };
     let size = ts.size_field();
+    let bytes = shape.iter().try_fold(size as u64, |acc, &d| acc.checked_mul(d));
+    if bytes.is_none_or(|b| b > file_len) {
+        return Err(format!("its header promises shape {shape:?}, more than the file holds"));
+    }
+    let bcs = to_bcs(&shape)?;
     let err = |e: std::io::Error| e.to_string();
+    let widen = |v: Vec<f32>| v.into_iter().map(f64::from).collect::<Vec<f64>>();
     let (data, float64): (Vec<f64>, bool) = match (ts.type_char(), size) {
-        (TypeChar::Float, 4) => (npy.into_vec::<f32>().map_err(err)?.into_iter().map(f64::from).collect(), false),
+        (TypeChar::Float, 4) => (widen(npy.into_vec::<f32>().map_err(err)?), false),
         (TypeChar::Float, 8) => (npy.into_vec::<f64>().map_err(err)?, true),
         (TypeChar::Int, 1) => (npy.into_vec::<i8>().map_err(err)?.into_iter().map(f64::from).collect(), false),
         (TypeChar::Int, 2) => (npy.into_vec::<i16>().map_err(err)?.into_iter().map(f64::from).collect(), false),
         (TypeChar::Int, 4) => (npy.into_vec::<i32>().map_err(err)?.into_iter().map(f64::from).collect(), false),
         (TypeChar::Int, 8) => (npy.into_vec::<i64>().map_err(err)?.into_iter().map(|v| v as f64).collect(), false),
-        (TypeChar::Uint, 1) | (TypeChar::Bool, 1) => {
-            (npy.into_vec::<u8>().map_err(err)?.into_iter().map(f64::from).collect(), false)
-        }
+        (TypeChar::Uint, 1) => (npy.into_vec::<u8>().map_err(err)?.into_iter().map(f64::from).collect(), false),
         (TypeChar::Uint, 4) => (npy.into_vec::<u32>().map_err(err)?.into_iter().map(f64::from).collect(), false),
+        (TypeChar::Bool, 1) => {
+            (npy.into_vec::<bool>().map_err(err)?.into_iter().map(|b| f64::from(u8::from(b))).collect(), false)
+        }
         (c, s) => return Err(format!("unsupported dtype {c:?}{s}; use float32 or float64")),
     };
-    if data.len() != bcs.iter().product::<usize>() {
-        return Err(format!(
-            "holds {} values but its shape {shape:?} needs {}",
-            data.len(),
-            bcs.iter().product::<usize>()
-        ));
+    let need = bcs.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    if need != Some(data.len()) {
+        return Err(format!("holds {} values but its shape is {shape:?}", data.len()));
     }
     Ok(Array { tensor: Tensor::new(bcs, data), shape, float64 })
 }
