@@ -149,9 +149,36 @@ fn list_and_demo() {
     let o = lossc(&["list"]);
     let text = stdout(&o);
     assert!(text.lines().filter(|l| l.starts_with("lovasz")).count() >= 3, "{text}");
-    let o = lossc(&["demo"]);
+    let o = lossc(&["demo", "--stdlib"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).lines().filter(|l| l.contains('.')).count() >= 25, "{}", stdout(&o));
+}
+
+/// The README's first command: training with a loss given as text makes the loss
+/// fall and the held-out IoU rise, for several losses.
+#[test]
+fn demo_trains() {
+    for loss in [
+        "0.5*dice(sigmoid(x), y) + bce_logits(x, y)",
+        "lovasz_hinge(x, y)",
+        "tversky(sigmoid(x), y, alpha = 0.3, beta = 0.7)",
+    ] {
+        let o = lossc(&["demo", "--loss", loss, "--steps", "120", "--seed", &rand::random::<u16>().to_string()]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let text = stdout(&o);
+        let number_after = |key: &str| -> Vec<f64> {
+            text.lines()
+                .filter_map(|l| l.split(key).nth(1))
+                .map(|rest| rest.split_whitespace().next().expect("a number").parse().expect("a number"))
+                .collect()
+        };
+        let curve = number_after("] loss ");
+        let (before, after) = (number_after("IoU before training: "), number_after("IoU after training: "));
+        assert!(curve.len() >= 10 && curve.last() < curve.first(), "{loss}: the loss must fall\n{text}");
+        assert!(after[0] > before[0] + 0.2, "{loss}: the IoU must rise\n{text}");
+    }
+    let o = lossc(&["demo", "--loss", "dice(p, y)"]);
+    assert!(stderr(&o).contains("feeds logits `x`"), "{}", stderr(&o));
 }
 
 /// A header promising more than the file holds, and bool masks.

@@ -7,6 +7,7 @@ use std::time::Instant;
 use clap::{Parser, Subcommand};
 use lossc::{Error, Loss, Program, Tensor};
 
+mod demo;
 mod npy;
 
 #[derive(Parser)]
@@ -48,8 +49,19 @@ enum Command {
     },
     /// List the standard losses with their signatures.
     List,
-    /// Evaluate every stdlib loss and its gradient on a built-in synthetic batch.
-    Demo,
+    /// Train a per-pixel model on synthetic segmentation data with a loss given as text.
+    Demo {
+        /// The loss, in terms of logits `x` and masks `y`.
+        #[arg(long, default_value = "0.5*dice(sigmoid(x), y) + bce_logits(x, y)")]
+        loss: String,
+        #[arg(long, default_value_t = 300)]
+        steps: usize,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// Instead of training, evaluate every stdlib loss and its gradient once.
+        #[arg(long)]
+        stdlib: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -62,7 +74,10 @@ fn main() -> ExitCode {
             list();
             Ok(())
         }
-        Command::Demo => demo(),
+        Command::Demo { stdlib: true, .. } => demo(),
+        Command::Demo { loss, steps, seed, stdlib: false } => {
+            demo::train(&demo::Settings { loss, steps: steps.max(1), seed }).map_err(Failure)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
