@@ -6,7 +6,7 @@
 //! built through the same simplifying builder as the loss itself.
 //!
 //! Subgradients at kinks, by convention (documented in docs/language.md):
-//! relu'(0) = 0, abs'(0) = 0, min/max send the gradient to the first argument
+//! relu'(0) = 0, abs'(0) = 0, d(x^y)/dy = 0 at x = 0, min/max send the gradient to the first argument
 //! on ties, comparisons and `sign` are piecewise constant (zero gradient),
 //! and a sort's permutation is treated as constant: the gradient flows
 //! through the sorted values back to their original positions.
@@ -112,15 +112,20 @@ fn local_gradients(g: &mut Graph, id: NodeId, a: NodeId) -> Vec<(usize, NodeId)>
         Op::Pow => {
             let mut out = Vec::new();
             if !b.g.constant_value(x1).is_some_and(|e| e == 0.0) {
-                let e1 = b.add_c(x1, -1.0);
+                let one = b.c(1.0);
+                let e1 = b.op(Op::Sub, &[x1, one]);
                 let p = b.op(Op::Pow, &[x0, e1]);
                 let d = b.mul(x1, p);
                 out.push((0, b.mul(a, d)));
             }
             if b.g.constant_value(x1).is_none() {
+                // d(x^y)/dy = x^y log(x); at x = 0 that is 0 * -inf: take the limit 0, as PyTorch does.
                 let l = b.op(Op::Log, &[x0]);
                 let d = b.mul(id, l);
-                out.push((1, b.mul(a, d)));
+                let zero = b.c(0.0);
+                let at_zero = b.op(Op::Eq, &[x0, zero]);
+                let term = b.mul(a, d);
+                out.push((1, b.op(Op::Select, &[at_zero, zero, term])));
             }
             out
         }
