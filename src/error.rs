@@ -13,6 +13,9 @@ pub enum Error {
     /// Inputs of the wrong number, shape or size.
     #[error("{0}")]
     Shape(String),
+    /// Something this backend cannot run yet.
+    #[error("not supported: {0}")]
+    Unsupported(String),
 }
 
 impl Error {

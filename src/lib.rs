@@ -12,6 +12,7 @@ pub mod diag;
 pub mod error;
 pub mod ir;
 pub mod loss;
+pub mod runtime;
 pub mod schedule;
 pub mod stdlib;
 pub mod syntax;

@@ -262,7 +262,7 @@ impl Loss {
     }
 
     /// Extents for evaluating on `inputs`, after checking their data and size.
-    fn checked_extents(&self, inputs: &[&Tensor]) -> Result<[usize; 3], Error> {
+    pub(crate) fn checked_extents(&self, inputs: &[&Tensor]) -> Result<[usize; 3], Error> {
         let ext = self.extents(&inputs.iter().map(|t| t.shape).collect::<Vec<_>>())?;
         for (spec, t) in self.inputs.iter().zip(inputs) {
             let want = t.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));

@@ -41,7 +41,20 @@ impl Value {
 /// Evaluates `roots` on `inputs`. `extents` is the broadcast `[batch, class, spatial]`.
 /// The caller has checked that every input's shape fits the extents.
 pub fn evaluate(g: &Graph, roots: &[NodeId], inputs: &[&Tensor], extents: [usize; 3]) -> Vec<Tensor> {
-    let order = g.reachable(roots);
+    evaluate_with(g, roots, inputs, extents, &HashMap::new())
+}
+
+/// `evaluate`, taking the values of the nodes in `known` as given (their arguments
+/// are not evaluated). The blocked runtime uses it to evaluate one block of a sweep
+/// with the results of earlier sweeps.
+pub fn evaluate_with(
+    g: &Graph,
+    roots: &[NodeId],
+    inputs: &[&Tensor],
+    extents: [usize; 3],
+    known: &HashMap<NodeId, Tensor>,
+) -> Vec<Tensor> {
+    let order = reachable_stopping_at(g, roots, known);
     let mut last_use: HashMap<NodeId, usize> = HashMap::new();
     for (step, &id) in order.iter().enumerate() {
         for &a in &g.node(id).args {
@@ -54,6 +67,10 @@ pub fn evaluate(g: &Graph, roots: &[NodeId], inputs: &[&Tensor], extents: [usize
     let mut values: HashMap<NodeId, Value> = HashMap::new();
     for (step, &id) in order.iter().enumerate() {
         let n = g.node(id);
+        if let Some(t) = known.get(&id) {
+            values.insert(id, Value::Tensor(t.clone()));
+            continue;
+        }
         let args: Vec<&Value> = n.args.iter().map(|a| &values[a]).collect();
         let v = eval_node(n.op, &args, inputs, extents);
         values.insert(id, v);
@@ -64,6 +81,20 @@ pub fn evaluate(g: &Graph, roots: &[NodeId], inputs: &[&Tensor], extents: [usize
         }
     }
     roots.iter().map(|r| values[r].tensor().clone()).collect()
+}
+
+/// The nodes `roots` need, in topological order, not looking below known nodes.
+fn reachable_stopping_at(g: &Graph, roots: &[NodeId], known: &HashMap<NodeId, Tensor>) -> Vec<NodeId> {
+    let mut seen = std::collections::HashSet::new();
+    let mut stack = roots.to_vec();
+    while let Some(id) = stack.pop() {
+        if seen.insert(id) && !known.contains_key(&id) {
+            stack.extend(g.node(id).args.iter().copied());
+        }
+    }
+    let mut order: Vec<NodeId> = seen.into_iter().collect();
+    order.sort();
+    order
 }
 
 fn eval_node(op: Op, args: &[&Value], inputs: &[&Tensor], ext: [usize; 3]) -> Value {

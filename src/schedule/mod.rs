@@ -39,11 +39,20 @@ pub struct Plan {
     pub loss_ready_after: usize,
 }
 
-/// Whether `op` needs every element before its result can be used.
-fn crosses_elements(g: &Graph, id: NodeId) -> bool {
+/// Whether a value is streamed (one per spatial position, or in sorted order),
+/// rather than a small table over batch and class that the tail computes.
+pub fn streamed(g: &Graph, id: NodeId) -> bool {
+    g.axes(id).contains(AxisSet::SPATIAL) || g.space(id) != crate::ir::Space::Elements
+}
+
+/// Whether `op` needs a whole pass over the elements before its result can be used:
+/// a reduction of a streamed value across positions, a sort, a reverse scan.
+/// (A sum over the batch of per-image values is tail work, not a pass.)
+pub fn crosses_elements(g: &Graph, id: NodeId) -> bool {
     let elements = AxisSet::BATCH.union(AxisSet::SPATIAL);
-    match g.node(id).op {
-        Op::Sum(over) | Op::LogSumExp(over) => !over.intersect(elements).is_empty(),
+    let n = g.node(id);
+    match n.op {
+        Op::Sum(over) | Op::LogSumExp(over) => !over.intersect(elements).is_empty() && streamed(g, n.args[0]),
         // A sort needs its whole key; a reverse scan needs its group's total.
         Op::Sort { .. } | Op::RevCumsum | Op::Next => true,
         _ => false,
@@ -51,7 +60,7 @@ fn crosses_elements(g: &Graph, id: NodeId) -> bool {
 }
 
 /// The number of finished sweeps each node needs.
-fn levels(g: &Graph, roots: &[NodeId]) -> HashMap<NodeId, usize> {
+pub fn levels(g: &Graph, roots: &[NodeId]) -> HashMap<NodeId, usize> {
     let mut level = HashMap::new();
     for id in g.reachable(roots) {
         let below = g.node(id).args.iter().map(|a| level[a]).max().unwrap_or(0);

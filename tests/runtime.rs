@@ -1,0 +1,98 @@
+//! The blocked runtime (sweeps over blocks, in parallel) against the reference
+//! evaluator, and bitwise the same for any number of threads.
+
+use lossc::synth::{self, Rng};
+use lossc::{Loss, Tensor};
+
+fn blockable_losses() -> Vec<Loss> {
+    lossc::stdlib::stdlib()
+        .defs
+        .iter()
+        .filter_map(|d| Loss::compile(&d.name.name, "").ok())
+        .filter(|l| !l.name().starts_with("lovasz"))
+        .collect()
+}
+
+fn run(loss: &Loss, inputs: &[Tensor]) -> (f64, Vec<Tensor>) {
+    let refs: Vec<&Tensor> = inputs.iter().collect();
+    lossc::runtime::evaluate(loss, &refs, true).unwrap_or_else(|e| panic!("{}: {e}", loss.name()))
+}
+
+#[test]
+fn blocked_sweeps_agree_with_the_reference() {
+    let seed: u64 = rand::random();
+    let mut rng = Rng::new(seed);
+    let losses = blockable_losses();
+    assert!(losses.len() >= 25);
+    // Several blocks per batch item, a ragged last block, and a single element.
+    for ext in [[2, 3, 2500], [3, 1, 1030], [1, 1, 1]] {
+        for loss in &losses {
+            let inputs = synth::inputs(loss.inputs(), ext, &mut rng);
+            let refs: Vec<&Tensor> = inputs.iter().collect();
+            let (want, want_grads) = loss.eval_grad(&refs).expect("reference");
+            let (got, grads) = run(loss, &inputs);
+            let close = |a: f64, b: f64, scale: f64| (a - b).abs() <= 1e-12 * scale || (a.is_nan() && b.is_nan());
+            assert!(
+                close(got, want, want.abs().max(1e-300)),
+                "{} at {ext:?} (seed {seed}): {got} vs {want}",
+                loss.name()
+            );
+            for (i, (g, w)) in grads.iter().zip(&want_grads).enumerate() {
+                assert_eq!(g.shape, w.shape);
+                let scale = w.data.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-300);
+                for (a, b) in g.data.iter().zip(&w.data) {
+                    assert!(close(*a, *b, scale), "{} d/d{} at {ext:?} (seed {seed}): {a} vs {b}", loss.name(), i);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn results_are_bitwise_identical_for_any_thread_count() {
+    let seed: u64 = rand::random();
+    for name in ["dice", "dice_multiclass", "focal", "tversky_per_image", "cross_entropy_index"] {
+        let loss = Loss::compile(name, "").expect("compiles");
+        let inputs = synth::inputs(loss.inputs(), [3, 4, 3000], &mut Rng::new(seed));
+        let results: Vec<(f64, Vec<Tensor>)> = [1, 2, 7]
+            .iter()
+            .map(|&n| {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(n).build().expect("pool");
+                pool.install(|| run(&loss, &inputs))
+            })
+            .collect();
+        for r in &results[1..] {
+            assert_eq!(r.0.to_bits(), results[0].0.to_bits(), "{name} (seed {seed})");
+            for (a, b) in r.1.iter().zip(&results[0].1) {
+                assert!(a.data.iter().zip(&b.data).all(|(x, y)| x.to_bits() == y.to_bits()), "{name} (seed {seed})");
+            }
+        }
+    }
+}
+
+#[test]
+fn inputs_broadcast_across_blocks() {
+    let seed: u64 = rand::random();
+    let mut rng = Rng::new(seed);
+    let loss = Loss::compile("dice(p, y) + mean(w * p)", "").expect("compiles");
+    let shapes = [[2, 3, 1500], [2, 1, 1500], [1, 3, 1]];
+    let inputs: Vec<Tensor> =
+        shapes.iter().map(|&s| Tensor::new(s, (0..s.iter().product()).map(|_| rng.uniform()).collect())).collect();
+    let refs: Vec<&Tensor> = inputs.iter().collect();
+    let (want, want_grads) = loss.eval_grad(&refs).expect("reference");
+    let (got, grads) = run(&loss, &inputs);
+    assert!((got - want).abs() <= 1e-12 * want.abs(), "seed {seed}");
+    for (g, w) in grads.iter().zip(&want_grads) {
+        let scale = w.data.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        assert!(g.data.iter().zip(&w.data).all(|(a, b)| (a - b).abs() <= 1e-12 * scale), "seed {seed}");
+    }
+}
+
+#[test]
+fn sorting_is_reported_not_run() {
+    let loss = Loss::compile("lovasz_hinge", "").expect("compiles");
+    let inputs = synth::inputs(loss.inputs(), [1, 1, 8], &mut Rng::new(1));
+    let refs: Vec<&Tensor> = inputs.iter().collect();
+    let err = lossc::runtime::evaluate(&loss, &refs, true).expect_err("not supported yet");
+    assert!(err.to_string().contains("sorting"), "{err}");
+}
