@@ -1,4 +1,5 @@
 //! Backends that run a compiled loss. `interp` is the f64 reference evaluator,
-//! the oracle for every other backend.
+//! the oracle for every other backend; `cranelift` JIT-compiles to native vector code.
 
+pub mod cranelift;
 pub mod interp;

@@ -1,0 +1,4 @@
+//! Cranelift backend: JIT-compiles loss kernels to native f32x4 code. `math` emits the inline
+//! vector transcendentals (exp, log, sigmoid, ...) those kernels use.
+
+pub mod math;
