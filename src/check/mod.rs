@@ -221,9 +221,9 @@ impl Lowerer<'_> {
 
     fn block(&mut self, b: &Block, outer: &Scope) -> R<NodeId> {
         let mut scope = outer.clone();
-        let mut own: HashMap<&str, Span> = HashMap::new();
+        let mut own: std::collections::HashSet<&str> = std::collections::HashSet::new();
         for (name, value) in &b.lets {
-            if own.insert(&name.name, name.span).is_some() {
+            if !own.insert(&name.name) {
                 return Err(Diagnostic::new(
                     "check::duplicate_binding",
                     name.span,

@@ -192,9 +192,8 @@ impl Op {
             Op::Softplus => softplus(a[0]),
             Op::Tanh => a[0].tanh(),
             Op::Relu => {
-                if a[0] > 0.0 {
-                    a[0]
-                } else if a[0].is_nan() {
+                // NaN passes through.
+                if a[0] > 0.0 || a[0].is_nan() {
                     a[0]
                 } else {
                     0.0

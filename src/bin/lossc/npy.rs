@@ -53,7 +53,7 @@ fn read_checked(path: &Path, file_len: u64) -> Result<Array, String> {
         return Err("only plain numeric dtypes are supported".into());
     };
     let size = ts.size_field();
-    let bytes = shape.iter().try_fold(size as u64, |acc, &d| acc.checked_mul(d));
+    let bytes = shape.iter().try_fold(size, |acc, &d| acc.checked_mul(d));
     if bytes.is_none_or(|b| b > file_len) {
         return Err(format!("its header promises shape {shape:?}, more than the file holds"));
     }
