@@ -21,4 +21,5 @@ pub mod tensor;
 
 pub use error::Error;
 pub use loss::{parse_params, Loss, Program};
-pub use tensor::Tensor;
+pub use runtime::Backend;
+pub use tensor::{Tensor, View};

@@ -11,9 +11,10 @@ use crate::check::{self, Entry, Env, InputSpec};
 use crate::diag::{Diagnostic, Diagnostics, FileId, SourceFile};
 use crate::error::Error;
 use crate::ir::{print_graph, Graph, NodeId, Op};
+use crate::runtime::{self, Backend};
 use crate::stdlib::stdlib;
 use crate::syntax::{self, ast::SourceItem};
-use crate::tensor::Tensor;
+use crate::tensor::{Tensor, View};
 
 /// A parsed source: a stdlib name, a bare expression, or loss definitions.
 pub struct Program {
@@ -283,6 +284,23 @@ impl Loss {
                  too many for the f64 reference evaluator"
             ))),
         }
+    }
+
+    /// The loss value on float32 inputs, by the native runtime; the gradient with respect to
+    /// input `i` goes into `grads[i]` where that is `Some` (a buffer shaped like the input).
+    /// Pass an empty `grads` for the value only. `&self` is shared freely across threads.
+    pub fn evaluate(&self, inputs: &[View], grads: &mut [Option<&mut [f32]>]) -> Result<f64, Error> {
+        runtime::evaluate(self, Backend::Jit, inputs, grads)
+    }
+
+    /// `evaluate` on the chosen backend.
+    pub fn evaluate_on(
+        &self,
+        backend: Backend,
+        inputs: &[View],
+        grads: &mut [Option<&mut [f32]>],
+    ) -> Result<f64, Error> {
+        runtime::evaluate(self, backend, inputs, grads)
     }
 
     /// The loss value, by the f64 reference evaluator.

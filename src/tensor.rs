@@ -69,3 +69,22 @@ impl Tensor {
         out.broadcast_to(shape)
     }
 }
+
+/// A borrowed row-major `[batch, class, spatial]` array of f32: how callers hand
+/// inputs to the native runtime without copying them. An axis of extent 1 broadcasts.
+#[derive(Clone, Copy, Debug)]
+pub struct View<'a> {
+    pub shape: [usize; 3],
+    pub data: &'a [f32],
+}
+
+impl<'a> View<'a> {
+    pub fn new(shape: [usize; 3], data: &'a [f32]) -> View<'a> {
+        View { shape, data }
+    }
+
+    /// A copy in f64, for the reference evaluator.
+    pub fn to_tensor(&self) -> Tensor {
+        Tensor { shape: self.shape, data: self.data.iter().map(|&v| f64::from(v)).collect() }
+    }
+}

@@ -97,6 +97,8 @@ fn eval_with_npy_inputs_and_gradients() {
     let o = lossc(&[
         "eval",
         "dice_multiclass",
+        "--backend",
+        "interp",
         "--input",
         &arg("x", &x),
         "--input",
@@ -124,6 +126,27 @@ fn eval_with_npy_inputs_and_gradients() {
     assert_eq!(gy_file.dtype().descr(), "'<f8'", "float64 input, float64 gradient");
     let gy_data: Vec<f64> = gy_file.into_vec().expect("f64 data");
     assert_eq!(gy_data, grads[1].data);
+
+    // The default backend (native, float32) agrees to float32 accuracy.
+    let o = lossc(&[
+        "eval",
+        "dice_multiclass",
+        "--input",
+        &arg("x", &x),
+        "--input",
+        &arg("y", &y),
+        "--grad",
+        &arg("x", &gx),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let fast: f64 = stdout(&o).lines().last().expect("a value").parse().expect("a number");
+    assert!((fast - want).abs() <= 1e-5 * want.abs(), "{fast} vs {want}");
+    let gx_fast: Vec<f32> =
+        npyz::NpyFile::new(std::fs::File::open(&gx).expect("gx")).expect("npy").into_vec().expect("f32");
+    let scale = grads[0].data.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    for (a, b) in gx_fast.iter().zip(&grads[0].data) {
+        assert!((f64::from(*a) - b).abs() <= 1e-5 * scale, "{a} vs {b}");
+    }
 }
 
 #[test]

@@ -15,7 +15,7 @@ fn blockable_losses() -> Vec<Loss> {
 
 fn run(loss: &Loss, inputs: &[Tensor]) -> (f64, Vec<Tensor>) {
     let refs: Vec<&Tensor> = inputs.iter().collect();
-    lossc::runtime::evaluate(loss, &refs, true).unwrap_or_else(|e| panic!("{}: {e}", loss.name()))
+    lossc::runtime::blocked::evaluate(loss, &refs, true).unwrap_or_else(|e| panic!("{}: {e}", loss.name()))
 }
 
 #[test]
@@ -93,6 +93,6 @@ fn sorting_is_reported_not_run() {
     let loss = Loss::compile("lovasz_hinge", "").expect("compiles");
     let inputs = synth::inputs(loss.inputs(), [1, 1, 8], &mut Rng::new(1));
     let refs: Vec<&Tensor> = inputs.iter().collect();
-    let err = lossc::runtime::evaluate(&loss, &refs, true).expect_err("not supported yet");
+    let err = lossc::runtime::blocked::evaluate(&loss, &refs, true).expect_err("not supported yet");
     assert!(err.to_string().contains("sorting"), "{err}");
 }

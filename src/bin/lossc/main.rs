@@ -5,8 +5,9 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand};
-use lossc::{Error, Loss, Program, Tensor};
+use lossc::{Backend, Error, Loss, Program, Tensor, View};
 
+mod bench;
 mod demo;
 mod npy;
 
@@ -44,11 +45,17 @@ enum Command {
         /// Write d loss / d NAME to OUT.npy.
         #[arg(long = "grad", value_name = "NAME=OUT")]
         grads: Vec<String>,
-        #[arg(long, default_value = "interp", value_parser = ["interp"])]
+        /// `jit`: native kernels on float32 (inputs are converted); `interp`: the f64 reference.
+        #[arg(long, default_value = "jit", value_parser = ["jit", "interp"])]
         backend: String,
+        /// Worker threads (default: RAYON_NUM_THREADS, else one per core).
+        #[arg(long)]
+        threads: Option<usize>,
     },
     /// List the standard losses with their signatures.
     List,
+    /// Time forward+backward against a memory-bandwidth probe and a baseline, in one run.
+    Bench(bench::Args),
     /// Train a per-pixel model on synthetic segmentation data with a loss given as text.
     Demo {
         /// The loss, in terms of logits `x` and masks `y`.
@@ -69,7 +76,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Check { source } => check(&source),
         Command::Show { source, grad, plan, params } => show(&source, grad, plan, &params),
-        Command::Eval { source, params, inputs, grads, backend: _ } => eval(&source, &params, &inputs, &grads),
+        Command::Eval { source, params, inputs, grads, backend, threads } => {
+            let backend = if backend == "interp" { Backend::Interp } else { Backend::Jit };
+            set_threads(threads).and_then(|()| eval(&source, &params, &inputs, &grads, backend))
+        }
+        Command::Bench(args) => bench::run(&args).map_err(Failure),
         Command::List => {
             list();
             Ok(())
@@ -137,37 +148,85 @@ fn show(source: &str, grad: bool, plan: bool, params: &str) -> Result<(), Failur
     Ok(())
 }
 
-fn eval(source: &str, params: &str, inputs: &[String], grads: &[String]) -> Result<(), Failure> {
+/// Sizes rayon's global pool; without `--threads` rayon follows RAYON_NUM_THREADS.
+fn set_threads(threads: Option<usize>) -> Result<(), Failure> {
+    if let Some(n) = threads {
+        if n == 0 {
+            return Err(Failure("error: --threads must be at least 1\n".into()));
+        }
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .map_err(|e| Failure(format!("error: cannot start {n} threads: {e}\n")))?;
+    }
+    Ok(())
+}
+
+fn eval(source: &str, params: &str, inputs: &[String], grads: &[String], backend: Backend) -> Result<(), Failure> {
     let loss = compile(source, params)?;
     let split = |s: &str| -> Result<(String, String), Failure> {
         s.split_once('=')
             .map(|(a, b)| (a.to_string(), b.to_string()))
             .ok_or_else(|| Failure(format!("error: expected NAME=FILE, found `{s}`\n")))
     };
+    let position = |name: &str| -> Result<usize, Failure> {
+        loss.inputs()
+            .iter()
+            .position(|s| s.name == name)
+            .ok_or_else(|| Failure(format!("error: `{}` has no input `{name}`\n", loss.name())))
+    };
     let mut given: Vec<Option<npy::Array>> = vec![None; loss.inputs().len()];
     for item in inputs {
         let (name, file) = split(item)?;
-        let Some(i) = loss.inputs().iter().position(|s| s.name == name) else {
-            return Err(Failure(format!("error: `{}` has no input `{name}`\n", loss.name())));
-        };
+        let i = position(&name)?;
         given[i] = Some(npy::read(Path::new(&file)).map_err(|e| Failure(format!("error: {file}: {e}\n")))?);
     }
     let mut arrays = Vec::new();
     for (spec, g) in loss.inputs().iter().zip(given) {
         arrays.push(g.ok_or_else(|| Failure(format!("error: missing --input {}=FILE.npy\n", spec.name)))?);
     }
-    let tensors: Vec<&Tensor> = arrays.iter().map(|a| &a.tensor).collect();
-    if grads.is_empty() {
-        println!("{:?}", loss.eval(&tensors)?);
-        return Ok(());
-    }
-    let (value, gradients) = loss.eval_grad(&tensors)?;
+    let mut outputs: Vec<(usize, String)> = Vec::new();
     for item in grads {
         let (name, file) = split(item)?;
-        let Some(i) = loss.inputs().iter().position(|s| s.name == name) else {
-            return Err(Failure(format!("error: `{}` has no input `{name}`\n", loss.name())));
-        };
-        npy::write(Path::new(&file), &gradients[i], &arrays[i])
+        outputs.push((position(&name)?, file));
+    }
+    let data: Vec<Vec<f32>> = arrays.iter().map(|a| a.tensor.data.iter().map(|&v| v as f32).collect()).collect();
+    let views: Vec<View> = arrays.iter().zip(&data).map(|(a, d)| View::new(a.tensor.shape, d)).collect();
+    let (value, gradients) = if backend == Backend::Interp {
+        // The reference keeps float64 inputs exact.
+        let tensors: Vec<&Tensor> = arrays.iter().map(|a| &a.tensor).collect();
+        if outputs.is_empty() {
+            (loss.eval(&tensors)?, vec![])
+        } else {
+            loss.eval_grad(&tensors)?
+        }
+    } else {
+        let mut buffers: Vec<Vec<f32>> = arrays
+            .iter()
+            .enumerate()
+            .map(|(i, a)| if outputs.iter().any(|(j, _)| *j == i) { vec![0.0; a.tensor.len()] } else { vec![] })
+            .collect();
+        let mut slots: Vec<Option<&mut [f32]>> =
+            buffers.iter_mut().map(|b| if b.is_empty() { None } else { Some(b.as_mut_slice()) }).collect();
+        if outputs.is_empty() {
+            slots.clear();
+        }
+        let value = loss.evaluate(&views, &mut slots)?;
+        let tensors = arrays
+            .iter()
+            .zip(&buffers)
+            .map(|(a, b)| {
+                if b.is_empty() {
+                    Tensor::filled(a.tensor.shape, 0.0)
+                } else {
+                    Tensor::new(a.tensor.shape, b.iter().map(|&v| f64::from(v)).collect())
+                }
+            })
+            .collect();
+        (value, tensors)
+    };
+    for (i, file) in &outputs {
+        npy::write(Path::new(file), &gradients[*i], &arrays[*i])
             .map_err(|e| Failure(format!("error: cannot write {file}: {e}\n")))?;
     }
     println!("{value:?}");
