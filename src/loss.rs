@@ -123,6 +123,8 @@ pub struct Loss {
     grads: Vec<Option<NodeId>>,
     inputs: Vec<InputSpec>,
     hypers: Vec<(String, f64)>,
+    /// Native kernels compiled so far, by shape.
+    native: runtime::native::Cache,
 }
 
 impl Loss {
@@ -154,7 +156,15 @@ impl Loss {
         let mut new = new.into_iter();
         let root = new.next().expect("invariant: root");
         let grads = grads.iter().map(|g| g.map(|_| new.next().expect("invariant: one per gradient"))).collect();
-        Loss { name: name.to_string(), graph, root, grads, inputs: lowered.inputs, hypers: lowered.hypers }
+        Loss {
+            name: name.to_string(),
+            graph,
+            root,
+            grads,
+            inputs: lowered.inputs,
+            hypers: lowered.hypers,
+            native: runtime::native::Cache::default(),
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -174,6 +184,9 @@ impl Loss {
     }
     pub fn gradient_nodes(&self) -> &[Option<NodeId>] {
         &self.grads
+    }
+    pub(crate) fn native_cache(&self) -> &runtime::native::Cache {
+        &self.native
     }
 
     fn header(&self) -> String {

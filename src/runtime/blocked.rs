@@ -164,7 +164,7 @@ fn combine(g: &Graph, r: NodeId, all: &[Block], partials: Vec<&Tensor>, ext: [us
 }
 
 /// Pairwise combination in a fixed shape: the same bits however the blocks were scheduled.
-fn tree(values: &[f64], lse: bool) -> f64 {
+pub(crate) fn tree(values: &[f64], lse: bool) -> f64 {
     match values.len() {
         0 => {
             if lse {

@@ -11,6 +11,7 @@
 //! gradients are bitwise the same for any number of threads.
 
 pub mod blocked;
+pub mod native;
 pub mod sorted;
 
 use crate::error::Error;
@@ -38,10 +39,37 @@ pub fn evaluate(
     grads: &mut [Option<&mut [f32]>],
 ) -> Result<f64, Error> {
     let ext = check(loss, inputs, grads)?;
-    match backend {
-        Backend::Interp => reference(loss, inputs, grads),
-        Backend::Jit if has_sort(loss) => sorted::evaluate(loss, inputs, ext, grads),
-        Backend::Jit => reference_blocked(loss, inputs, grads),
+    if backend == Backend::Interp {
+        return reference(loss, inputs, grads);
+    }
+    let want: Vec<bool> = (0..inputs.len()).map(|i| grads.get(i).is_some_and(Option::is_some)).collect();
+    match engine(loss, inputs, ext, &want) {
+        Engine::Native => native::evaluate(loss, inputs, ext, grads),
+        Engine::Sorted => sorted::evaluate(loss, inputs, ext, grads),
+        Engine::Blocked(_) => reference_blocked(loss, inputs, grads),
+    }
+}
+
+/// The engine that runs a loss natively.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Engine {
+    /// Cranelift kernels per sweep.
+    Native,
+    /// Sort and scans on whole tensors.
+    Sorted,
+    /// The f64 interpreter per block, and why.
+    Blocked(String),
+}
+
+/// Which engine `evaluate` picks for these inputs and wanted gradients (`want[i]`: the
+/// gradient of input `i`). The inputs must have passed `check`.
+pub fn engine(loss: &Loss, inputs: &[View], ext: [usize; 3], want: &[bool]) -> Engine {
+    if has_sort(loss) {
+        return Engine::Sorted;
+    }
+    match native::unsupported(loss, inputs, ext, want) {
+        None => Engine::Native,
+        Some(why) => Engine::Blocked(why),
     }
 }
 

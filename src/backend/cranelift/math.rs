@@ -509,11 +509,11 @@ fn pow_specials(b: &mut FunctionBuilder, x: Value, y: Value, r: Value) -> Value 
 }
 
 /// Little-endian lane order for bitcasts, which the verifier wants when the lane count changes.
-fn lanes() -> MemFlagsData {
+pub(crate) fn lanes() -> MemFlagsData {
     MemFlagsData::new().with_endianness(Endianness::Little)
 }
 
-fn splat(b: &mut FunctionBuilder, c: f32) -> Value {
+pub(crate) fn splat(b: &mut FunctionBuilder, c: f32) -> Value {
     let s = b.ins().f32const(c);
     b.ins().splat(F32X4, s)
 }
@@ -524,16 +524,16 @@ fn splat64(b: &mut FunctionBuilder, c: f64) -> Value {
 }
 
 /// A vector integer constant; `iconst` of a vector type would not verify.
-fn splat_int(b: &mut FunctionBuilder, c: u32) -> Value {
+pub(crate) fn splat_int(b: &mut FunctionBuilder, c: u32) -> Value {
     let s = b.ins().iconst(I32, i64::from(c));
     b.ins().splat(I32X4, s)
 }
 
-fn as_int(b: &mut FunctionBuilder, v: Value) -> Value {
+pub(crate) fn as_int(b: &mut FunctionBuilder, v: Value) -> Value {
     b.ins().bitcast(I32X4, lanes(), v)
 }
 
-fn as_float(b: &mut FunctionBuilder, v: Value) -> Value {
+pub(crate) fn as_float(b: &mut FunctionBuilder, v: Value) -> Value {
     b.ins().bitcast(F32X4, lanes(), v)
 }
 
@@ -552,7 +552,7 @@ fn fcmp_k(b: &mut FunctionBuilder, cc: FloatCC, x: Value, k: f32) -> Value {
 }
 
 /// mask ? a : c lane-wise, for a mask from `fcmp` (an integer vector) and operands of any type.
-fn select(b: &mut FunctionBuilder, mask: Value, a: Value, c: Value) -> Value {
+pub(crate) fn select(b: &mut FunctionBuilder, mask: Value, a: Value, c: Value) -> Value {
     let ty = b.func.dfg.value_type(a);
     let mask = if b.func.dfg.value_type(mask) == ty { mask } else { b.ins().bitcast(ty, lanes(), mask) };
     b.ins().bitselect(mask, a, c)
@@ -571,7 +571,7 @@ fn max(b: &mut FunctionBuilder, a: Value, c: Value) -> Value {
 }
 
 /// |x| by clearing the sign bit (`fabs` on f32x4 is three instructions, this is one).
-fn abs(b: &mut FunctionBuilder, x: Value) -> Value {
+pub(crate) fn abs(b: &mut FunctionBuilder, x: Value) -> Value {
     let m = splat_int(b, !SIGN);
     let xi = as_int(b, x);
     let v = b.ins().band(xi, m);
@@ -602,7 +602,7 @@ fn or_sign(b: &mut FunctionBuilder, r: Value, x: Value) -> Value {
 }
 
 /// Lanes 2 and 3 of an f32x4 moved to lanes 0 and 1 (for `fvpromote_low`).
-fn high_to_low(b: &mut FunctionBuilder, v: Value) -> Value {
+pub(crate) fn high_to_low(b: &mut FunctionBuilder, v: Value) -> Value {
     let bytes: Vec<u8> = (8..16).chain(8..16).collect();
     let mask = b.func.dfg.immediates.push(ConstantData::from(bytes));
     let v = b.ins().bitcast(I8X16, lanes(), v);

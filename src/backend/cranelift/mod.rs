@@ -2,3 +2,4 @@
 //! vector transcendentals (exp, log, sigmoid, ...) those kernels use.
 
 pub mod math;
+pub mod sweep;

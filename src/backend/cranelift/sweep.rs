@@ -1,0 +1,663 @@
+//! One native function per sweep: the loop over a block's positions, four at a time.
+//!
+//! A sweep kernel runs over one block (one batch item, `len` consecutive spatial
+//! positions). Per group of four positions it loads the inputs it streams as `f32x4`,
+//! computes every value the sweep needs in registers (each value that varies over
+//! class is `C` separate vectors: the class loop is unrolled, so softmax and per-class
+//! sums are straight-line code), adds the reduction operands to `f32x4` accumulators
+//! and stores the gradients. The last `len % 4` positions run the same code on lanes
+//! loaded one by one (clamped to the last position, so no read goes past the block),
+//! with the accumulators masked and the stores done lane by lane. At the end each
+//! accumulator is summed across lanes in f64, in a fixed order, into the block's
+//! partials. Values that do not vary over positions (results of earlier sweeps, class
+//! weights) arrive as one `f32` per class in the tail slots.
+
+use std::collections::HashMap;
+
+use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
+use cranelift_codegen::ir::types::{F32, F32X4, F64X2, I32, I32X4, I64};
+use cranelift_codegen::ir::{AbiParam, ConstantData, InstBuilder, MemFlagsData, Value};
+use cranelift_codegen::verify_function;
+use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
+use cranelift_jit::{JITBuilder, JITModule};
+use cranelift_module::{default_libcall_names, FuncId, Linkage, Module};
+
+use super::math::{self, Math};
+use crate::ir::{AxisSet, Graph, NodeId, Op};
+use crate::schedule::streamed;
+
+/// What a sweep kernel is called with, once per block. Strides are in elements; 0 along
+/// an axis where the tensor is broadcast.
+#[repr(C)]
+pub struct Args {
+    /// Per input: the start of its data.
+    pub inputs: *const *const f32,
+    /// Per input: `[batch stride, class stride]`.
+    pub input_strides: *const [i64; 2],
+    /// Per written gradient (in `SweepSpec::writes` order): the start of its buffer.
+    pub grads: *const *mut f32,
+    /// Per written gradient: `[batch stride, class stride]`.
+    pub grad_strides: *const [i64; 2],
+    /// This block's batch item's tail slots: `classes` values per slot.
+    pub tail: *const f32,
+    /// This block's partial sums, one per reduction cell.
+    pub partials: *mut f64,
+    /// The block: batch item, first spatial position, number of positions (at least 1).
+    pub b: i64,
+    pub s0: i64,
+    pub len: i64,
+}
+
+pub type SweepFn = unsafe extern "C" fn(*const Args);
+
+/// A gradient a sweep writes.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Write {
+    pub input: usize,
+    pub node: NodeId,
+    /// Class rows of the input's buffer: the class count, or 1.
+    pub rows: usize,
+    /// The input is given with one class row but used for every class: its gradient is
+    /// the sum over classes.
+    pub sum_classes: bool,
+}
+
+/// What one kernel computes, in terms of the graph.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SweepSpec {
+    /// Values summed over the block's positions (operands of reductions, gradients of
+    /// inputs broadcast along the spatial axis): one partial sum per class of each.
+    pub sums: Vec<NodeId>,
+    /// Gradients it writes.
+    pub writes: Vec<Write>,
+    /// Values it reads from the tail (not constants), one slot each.
+    pub slots: Vec<NodeId>,
+}
+
+impl SweepSpec {
+    /// The spec for these sums and writes; the slots are every value the sweep reads
+    /// that does not vary over positions.
+    pub fn new(g: &Graph, sums: Vec<NodeId>, writes: Vec<Write>) -> SweepSpec {
+        let (_, slots) = body_and_slots(g, &roots(&sums, &writes));
+        SweepSpec { sums, writes, slots }
+    }
+
+    /// Partial sums per block: one per class of each summed value.
+    pub fn cells(&self, g: &Graph, classes: usize) -> Vec<usize> {
+        self.sums.iter().map(|&v| classes_of(g, v, classes)).collect()
+    }
+}
+
+/// The values a sweep must produce: what it sums and what it writes.
+fn roots(sums: &[NodeId], writes: &[Write]) -> Vec<NodeId> {
+    sums.iter().copied().chain(writes.iter().map(|w| w.node)).collect()
+}
+
+/// Nodes computed per position (in topological order) and the tail values they read.
+fn body_and_slots(g: &Graph, roots: &[NodeId]) -> (Vec<NodeId>, Vec<NodeId>) {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut stack = roots.to_vec();
+    while let Some(id) = stack.pop() {
+        if seen.insert(id) && streamed(g, id) {
+            stack.extend(g.node(id).args.iter().copied());
+        }
+    }
+    let (body, tail): (Vec<NodeId>, Vec<NodeId>) = seen.into_iter().partition(|&id| streamed(g, id));
+    let slots = tail.into_iter().filter(|&id| g.constant_value(id).is_none()).collect();
+    (body, slots)
+}
+
+fn classes_of(g: &Graph, id: NodeId, classes: usize) -> usize {
+    if g.axes(id).contains(AxisSet::CLASS) {
+        classes
+    } else {
+        1
+    }
+}
+
+/// Compiled kernels and the module that owns their code.
+pub struct Kernels {
+    module: Option<JITModule>,
+    pub sweeps: Vec<SweepFn>,
+}
+
+// SAFETY: after `finalize_definitions` the module's code and data are never written
+// again; the kernels are plain functions that touch only what `Args` points to. The
+// module itself is only used again to free the memory, in `drop`, with `&mut self`.
+unsafe impl Send for Kernels {}
+unsafe impl Sync for Kernels {}
+
+impl Drop for Kernels {
+    fn drop(&mut self) {
+        if let Some(module) = self.module.take() {
+            // SAFETY: the function pointers in `sweeps` die with `self`; nothing else
+            // refers to the code.
+            unsafe { module.free_memory() };
+        }
+    }
+}
+
+/// How the kernels of one loss are specialised: the class count (unrolled) and, per
+/// input, whether it is broadcast along the spatial axis (splat instead of vector loads).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Shape {
+    pub classes: usize,
+    pub spatial_broadcast: Vec<bool>,
+}
+
+/// Compiles one kernel per spec.
+pub fn compile(g: &Graph, specs: &[SweepSpec], shape: &Shape) -> Result<Kernels, String> {
+    let builder = JITBuilder::with_flags(
+        &[("opt_level", "speed"), ("enable_verifier", if cfg!(debug_assertions) { "true" } else { "false" })],
+        default_libcall_names(),
+    )
+    .map_err(|e| format!("cannot target this CPU: {e}"))?;
+    let mut module = JITModule::new(builder);
+    let math = Math::for_isa(module.isa());
+    let mut ctx = module.make_context();
+    let mut fctx = FunctionBuilderContext::new();
+    let mut ids: Vec<FuncId> = Vec::new();
+    for (k, spec) in specs.iter().enumerate() {
+        ctx.func.signature.params.push(AbiParam::new(I64));
+        {
+            let mut b = FunctionBuilder::new(&mut ctx.func, &mut fctx);
+            Emitter { g, spec, shape, math, hoisted: HashMap::new() }.emit(&mut b)?;
+            b.seal_all_blocks();
+            b.finalize(module.isa().frontend_config());
+        }
+        if cfg!(debug_assertions) {
+            verify_function(&ctx.func, module.isa()).map_err(|e| format!("sweep {k} does not verify: {e}"))?;
+        }
+        let id = module
+            .declare_function(&format!("sweep{k}"), Linkage::Local, &ctx.func.signature)
+            .map_err(|e| e.to_string())?;
+        module.define_function(id, &mut ctx).map_err(|e| format!("sweep {k}: {e:?}"))?;
+        module.clear_context(&mut ctx);
+        ids.push(id);
+    }
+    module.finalize_definitions().map_err(|e| e.to_string())?;
+    let sweeps = ids
+        .iter()
+        .map(|&id| {
+            let code = module.get_finalized_function(id);
+            // SAFETY: `code` is a finalized function with signature `fn(i64)`, and an
+            // `extern "C" fn(*const Args)` passes its pointer the same way.
+            unsafe { std::mem::transmute::<*const u8, SweepFn>(code) }
+        })
+        .collect();
+    Ok(Kernels { module: Some(module), sweeps })
+}
+
+/// Where a body's four lanes are: consecutive positions from a byte offset, or four
+/// separate byte offsets (the remainder, clamped to the block).
+#[derive(Clone, Copy)]
+enum At {
+    Vector(Value),
+    Lanes([Value; 4]),
+}
+
+struct Emitter<'a> {
+    g: &'a Graph,
+    spec: &'a SweepSpec,
+    shape: &'a Shape,
+    math: Math,
+    /// Loop-invariant vectors (constants, tail values), by node and class.
+    hoisted: HashMap<(NodeId, usize), Value>,
+}
+
+/// Positions between moves of the f32 sums into the f64 ones (a power of two).
+const FLUSH: i64 = 64;
+
+/// Byte offsets of the `Args` fields.
+const ARG_INPUTS: i32 = 0;
+const ARG_INPUT_STRIDES: i32 = 8;
+const ARG_GRADS: i32 = 16;
+const ARG_GRAD_STRIDES: i32 = 24;
+const ARG_TAIL: i32 = 32;
+const ARG_PARTIALS: i32 = 40;
+const ARG_B: i32 = 48;
+const ARG_S0: i32 = 56;
+const ARG_LEN: i32 = 64;
+
+fn data() -> MemFlagsData {
+    // f32 buffers are only 4-byte aligned; every access is in bounds.
+    MemFlagsData::new().with_notrap()
+}
+
+impl Emitter<'_> {
+    fn classes(&self, id: NodeId) -> usize {
+        classes_of(self.g, id, self.shape.classes)
+    }
+
+    fn emit(&mut self, b: &mut FunctionBuilder) -> Result<(), String> {
+        let g = self.g;
+        let (body, slots) = body_and_slots(g, &roots(&self.spec.sums, &self.spec.writes));
+        debug_assert_eq!(slots, self.spec.slots);
+        let entry = b.create_block();
+        let head = b.create_block();
+        let vector = b.create_block();
+        let check_rest = b.create_block();
+        let rest = b.create_block();
+        let done = b.create_block();
+        b.append_block_params_for_function_params(entry);
+        b.switch_to_block(entry);
+        let args = b.block_params(entry)[0];
+        let field =
+            |b: &mut FunctionBuilder, ptr: Value, off: i32| b.ins().load(I64, MemFlagsData::trusted(), ptr, off);
+        let inputs = field(b, args, ARG_INPUTS);
+        let input_strides = field(b, args, ARG_INPUT_STRIDES);
+        let grads = field(b, args, ARG_GRADS);
+        let grad_strides = field(b, args, ARG_GRAD_STRIDES);
+        let tail = field(b, args, ARG_TAIL);
+        let partials = field(b, args, ARG_PARTIALS);
+        let batch = field(b, args, ARG_B);
+        let s0 = field(b, args, ARG_S0);
+        let len = field(b, args, ARG_LEN);
+
+        // Row starts: per (input, class) and per (write, row), the address of position s0.
+        let mut rows: HashMap<(usize, usize), Value> = HashMap::new();
+        for &id in &body {
+            if let Op::Input { index, .. } = g.node(id).op {
+                let i = index as usize;
+                let base = field(b, inputs, 8 * index as i32);
+                let bs = field(b, input_strides, 16 * index as i32);
+                let cs = field(b, input_strides, 16 * index as i32 + 8);
+                let mut offset = b.ins().imul(batch, bs);
+                if !self.shape.spatial_broadcast[i] {
+                    offset = b.ins().iadd(offset, s0);
+                }
+                for c in 0..self.classes(id) {
+                    let cc = b.ins().iconst(I64, c as i64);
+                    let co = b.ins().imul(cs, cc);
+                    let o = b.ins().iadd(offset, co);
+                    let o = b.ins().ishl_imm_u(o, 2);
+                    rows.insert((i, c), b.ins().iadd(base, o));
+                }
+            }
+        }
+        let mut write_rows: Vec<Vec<Value>> = Vec::new();
+        for (w, write) in self.spec.writes.iter().enumerate() {
+            let base = field(b, grads, 8 * w as i32);
+            let bs = field(b, grad_strides, 16 * w as i32);
+            let cs = field(b, grad_strides, 16 * w as i32 + 8);
+            let offset = b.ins().imul(batch, bs);
+            let offset = b.ins().iadd(offset, s0);
+            let mut list = Vec::new();
+            for c in 0..write.rows {
+                let cc = b.ins().iconst(I64, c as i64);
+                let co = b.ins().imul(cs, cc);
+                let o = b.ins().iadd(offset, co);
+                let o = b.ins().ishl_imm_u(o, 2);
+                list.push(b.ins().iadd(base, o));
+            }
+            write_rows.push(list);
+        }
+        // Tail slots and constants, splatted once per block.
+        for (k, &id) in slots.iter().enumerate() {
+            for c in 0..self.classes(id) {
+                let off = ((k * self.shape.classes + c) * 4) as i32;
+                let v = b.ins().load(F32, MemFlagsData::trusted(), tail, off);
+                self.hoisted.insert((id, c), b.ins().splat(F32X4, v));
+            }
+        }
+        for &id in body.iter().chain(&slots) {
+            for &a in &g.node(id).args {
+                if let Some(v) = g.constant_value(a) {
+                    self.hoisted.entry((a, 0)).or_insert_with(|| math::splat(b, v as f32));
+                }
+            }
+        }
+        for w in &self.spec.writes {
+            if let Some(v) = g.constant_value(w.node) {
+                self.hoisted.entry((w.node, 0)).or_insert_with(|| math::splat(b, v as f32));
+            }
+        }
+
+        // Accumulators per sum cell: an f32x4 for up to FLUSH positions, then two f64x2.
+        let cells: Vec<usize> = self.spec.cells(g, self.shape.classes);
+        let zero = math::splat(b, 0.0);
+        let zero64 = {
+            let z = b.ins().f64const(0.0);
+            b.ins().splat(F64X2, z)
+        };
+        let i = b.declare_var(I64);
+        let izero = b.ins().iconst(I64, 0);
+        b.def_var(i, izero);
+        let mut accs: Vec<Vec<Variable>> = Vec::new();
+        let mut wide: Vec<[Variable; 2]> = Vec::new();
+        for &n in &cells {
+            let mut list = Vec::new();
+            for _ in 0..n {
+                let v = b.declare_var(F32X4);
+                b.def_var(v, zero);
+                list.push(v);
+                let halves = [b.declare_var(F64X2), b.declare_var(F64X2)];
+                for h in halves {
+                    b.def_var(h, zero64);
+                }
+                wide.push(halves);
+            }
+            accs.push(list);
+        }
+        let flush = |b: &mut FunctionBuilder| {
+            for (&var, halves) in accs.iter().flatten().zip(&wide) {
+                let a = b.use_var(var);
+                let high = math::high_to_low(b, a);
+                for (h, part) in halves.iter().zip([a, high]) {
+                    let x = b.ins().fvpromote_low(part);
+                    let s = b.use_var(*h);
+                    let s = b.ins().fadd(s, x);
+                    b.def_var(*h, s);
+                }
+                b.def_var(var, zero);
+            }
+        };
+        let flush_block = b.create_block();
+        b.ins().jump(head, &[]);
+
+        // Four positions at a time while four remain.
+        b.switch_to_block(head);
+        let iv = b.use_var(i);
+        let next = b.ins().iadd_imm_s(iv, 4);
+        let fits = b.ins().icmp(IntCC::SignedLessThanOrEqual, next, len);
+        b.ins().brif(fits, vector, &[], check_rest, &[]);
+
+        b.switch_to_block(vector);
+        let iv = b.use_var(i);
+        let off = b.ins().ishl_imm_u(iv, 2);
+        let values = self.body(b, &body, &rows, At::Vector(off))?;
+        for (&operand, acc) in self.spec.sums.iter().zip(&accs) {
+            for (c, &var) in acc.iter().enumerate() {
+                let v = self.value(&values, operand, c);
+                let a = b.use_var(var);
+                let s = b.ins().fadd(a, v);
+                b.def_var(var, s);
+            }
+        }
+        self.store(b, &values, &write_rows, At::Vector(off));
+        let next = b.ins().iadd_imm_s(iv, 4);
+        b.def_var(i, next);
+        if cells.is_empty() {
+            b.ins().jump(head, &[]);
+        } else {
+            // Every FLUSH positions the f32 sums move into f64, so that an f32 sum never
+            // holds more than FLUSH / 4 values.
+            let mask = b.ins().iconst(I64, FLUSH - 1);
+            let phase = b.ins().band(next, mask);
+            b.ins().brif(phase, head, &[], flush_block, &[]);
+            b.switch_to_block(flush_block);
+            flush(b);
+            b.ins().jump(head, &[]);
+        }
+
+        // The last one to three positions.
+        b.switch_to_block(check_rest);
+        let iv = b.use_var(i);
+        let more = b.ins().icmp(IntCC::SignedLessThan, iv, len);
+        b.ins().brif(more, rest, &[], done, &[]);
+
+        b.switch_to_block(rest);
+        let iv = b.use_var(i);
+        let last = b.ins().iadd_imm_s(len, -1);
+        let offs: [Value; 4] = std::array::from_fn(|k| {
+            let p = b.ins().iadd_imm_s(iv, k as i64);
+            let past = b.ins().icmp(IntCC::SignedGreaterThan, p, last);
+            let p = b.ins().select(past, last, p);
+            b.ins().ishl_imm_u(p, 2)
+        });
+        let values = self.body(b, &body, &rows, At::Lanes(offs))?;
+        let left = b.ins().isub(len, iv);
+        let left = b.ins().ireduce(I32, left);
+        let left = b.ins().splat(I32X4, left);
+        let lane_bytes: Vec<u8> = (0u32..4).flat_map(|k| k.to_le_bytes()).collect();
+        let lane_ids = b.func.dfg.constants.insert(ConstantData::from(lane_bytes));
+        let lane_ids = b.ins().vconst(I32X4, lane_ids);
+        let live = b.ins().icmp(IntCC::SignedLessThan, lane_ids, left);
+        for (&operand, acc) in self.spec.sums.iter().zip(&accs) {
+            for (c, &var) in acc.iter().enumerate() {
+                let v = self.value(&values, operand, c);
+                let v = math::select(b, live, v, zero);
+                let a = b.use_var(var);
+                let s = b.ins().fadd(a, v);
+                b.def_var(var, s);
+            }
+        }
+        self.store(b, &values, &write_rows, At::Lanes(offs));
+        b.ins().jump(done, &[]);
+
+        // Lanes summed in f64, in a fixed order, into the block's partials.
+        b.switch_to_block(done);
+        flush(b);
+        for (cell, halves) in wide.iter().enumerate() {
+            let [lo, hi] = halves.map(|h| {
+                let v = b.use_var(h);
+                let l0 = b.ins().extractlane(v, 0);
+                let l1 = b.ins().extractlane(v, 1);
+                b.ins().fadd(l0, l1)
+            });
+            let s = b.ins().fadd(lo, hi);
+            b.ins().store(MemFlagsData::trusted(), s, partials, (cell * 8) as i32);
+        }
+        b.ins().return_(&[]);
+        Ok(())
+    }
+
+    fn value(&self, values: &HashMap<(NodeId, usize), Value>, id: NodeId, c: usize) -> Value {
+        let c = if self.g.axes(id).contains(AxisSet::CLASS) { c } else { 0 };
+        *values
+            .get(&(id, c))
+            .or_else(|| self.hoisted.get(&(id, c)))
+            .unwrap_or_else(|| panic!("invariant: {id:?} class {c} is computed before use"))
+    }
+
+    /// Stores every gradient the sweep writes at the body's positions.
+    fn store(&self, b: &mut FunctionBuilder, values: &HashMap<(NodeId, usize), Value>, rows: &[Vec<Value>], at: At) {
+        for (w, addrs) in self.spec.writes.iter().zip(rows) {
+            for (r, &addr) in addrs.iter().enumerate() {
+                let v = if w.sum_classes {
+                    let n = self.classes(w.node);
+                    let mut s = self.value(values, w.node, 0);
+                    for c in 1..n {
+                        let x = self.value(values, w.node, c);
+                        s = b.ins().fadd(s, x);
+                    }
+                    if n == 1 {
+                        let k = math::splat(b, self.shape.classes as f32);
+                        s = b.ins().fmul(s, k);
+                    }
+                    s
+                } else {
+                    self.value(values, w.node, r)
+                };
+                match at {
+                    At::Vector(off) => {
+                        let p = b.ins().iadd(addr, off);
+                        b.ins().store(data(), v, p, 0);
+                    }
+                    At::Lanes(offs) => {
+                        // In lane order: clamped lanes repeat the last position's value.
+                        for (k, off) in offs.iter().enumerate() {
+                            let x = b.ins().extractlane(v, k as u8);
+                            let p = b.ins().iadd(addr, *off);
+                            b.ins().store(data(), x, p, 0);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Emits every body node at `at`; returns their values by (node, class).
+    fn body(
+        &self,
+        b: &mut FunctionBuilder,
+        body: &[NodeId],
+        rows: &HashMap<(usize, usize), Value>,
+        at: At,
+    ) -> Result<HashMap<(NodeId, usize), Value>, String> {
+        let g = self.g;
+        let mut values: HashMap<(NodeId, usize), Value> = HashMap::new();
+        for &id in body {
+            let node = g.node(id);
+            let n = self.classes(id);
+            match node.op {
+                Op::Input { index, .. } => {
+                    for c in 0..n {
+                        let row = rows[&(index as usize, c)];
+                        let v = if self.shape.spatial_broadcast[index as usize] {
+                            let x = b.ins().load(F32, data(), row, 0);
+                            b.ins().splat(F32X4, x)
+                        } else {
+                            load(b, row, at)
+                        };
+                        values.insert((id, c), v);
+                    }
+                }
+                Op::Sum(over) if over == AxisSet::CLASS => {
+                    let a = node.args[0];
+                    let v = if self.classes(a) > 1 {
+                        let mut s = self.value(&values, a, 0);
+                        for c in 1..self.classes(a) {
+                            let x = self.value(&values, a, c);
+                            s = b.ins().fadd(s, x);
+                        }
+                        s
+                    } else {
+                        let x = self.value(&values, a, 0);
+                        let k = math::splat(b, self.shape.classes as f32);
+                        b.ins().fmul(x, k)
+                    };
+                    values.insert((id, 0), v);
+                }
+                Op::LogSumExp(over) if over == AxisSet::CLASS => {
+                    let a = node.args[0];
+                    let v = if self.classes(a) > 1 {
+                        let xs: Vec<Value> = (0..self.classes(a)).map(|c| self.value(&values, a, c)).collect();
+                        self.log_sum_exp(b, &xs)
+                    } else {
+                        let x = self.value(&values, a, 0);
+                        let k = math::splat(b, (self.shape.classes as f32).ln());
+                        b.ins().fadd(x, k)
+                    };
+                    values.insert((id, 0), v);
+                }
+                op => {
+                    for c in 0..n {
+                        let args: Vec<Value> = node.args.iter().map(|&a| self.value(&values, a, c)).collect();
+                        let v = self.elementwise(b, op, &node.args, &args)?;
+                        values.insert((id, c), v);
+                    }
+                }
+            }
+        }
+        Ok(values)
+    }
+
+    /// log(sum(exp(x))) over the vectors, shifted by their maximum; an infinite maximum
+    /// is the result (as in the reference), a NaN anywhere gives NaN.
+    fn log_sum_exp(&self, b: &mut FunctionBuilder, xs: &[Value]) -> Value {
+        let mut m = xs[0];
+        for &x in &xs[1..] {
+            m = b.ins().fmax(m, x);
+        }
+        let mut s = None;
+        for &x in xs {
+            let d = b.ins().fsub(x, m);
+            let e = self.math.exp(b, d);
+            s = Some(match s {
+                None => e,
+                Some(t) => b.ins().fadd(t, e),
+            });
+        }
+        let l = self.math.log(b, s.expect("invariant: at least one class"));
+        let r = b.ins().fadd(m, l);
+        let inf = math::splat(b, f32::INFINITY);
+        let am = math::abs(b, m);
+        let infinite = b.ins().fcmp(FloatCC::Equal, am, inf);
+        math::select(b, infinite, m, r)
+    }
+
+    /// One elementwise op on f32x4 values; `ids` are the argument nodes (for constant exponents).
+    fn elementwise(&self, b: &mut FunctionBuilder, op: Op, ids: &[NodeId], x: &[Value]) -> Result<Value, String> {
+        let m = self.math;
+        let one = || 1.0f32;
+        let flag = |b: &mut FunctionBuilder, cc: FloatCC| {
+            let mask = b.ins().fcmp(cc, x[0], x[1]);
+            let (t, f) = (math::splat(b, one()), math::splat(b, 0.0));
+            math::select(b, mask, t, f)
+        };
+        Ok(match op {
+            Op::Neg => b.ins().fneg(x[0]),
+            Op::Exp => m.exp(b, x[0]),
+            Op::Log => m.log(b, x[0]),
+            Op::Log1p => m.log1p(b, x[0]),
+            Op::Sqrt => b.ins().sqrt(x[0]),
+            Op::Abs => math::abs(b, x[0]),
+            Op::Sign => {
+                let z = math::splat(b, 0.0);
+                let (p, n) = (math::splat(b, 1.0), math::splat(b, -1.0));
+                let zero_or_nan = b.ins().fmul(x[0], z);
+                let lt = b.ins().fcmp(FloatCC::LessThan, x[0], z);
+                let r = math::select(b, lt, n, zero_or_nan);
+                let gt = b.ins().fcmp(FloatCC::GreaterThan, x[0], z);
+                math::select(b, gt, p, r)
+            }
+            Op::Sigmoid => m.sigmoid(b, x[0]),
+            Op::Softplus => m.softplus(b, x[0]),
+            Op::Tanh => m.tanh(b, x[0]),
+            Op::Relu => {
+                let z = math::splat(b, 0.0);
+                let keep = b.ins().fcmp(FloatCC::UnorderedOrGreaterThan, x[0], z);
+                math::select(b, keep, x[0], z)
+            }
+            Op::Add => b.ins().fadd(x[0], x[1]),
+            Op::Sub => b.ins().fsub(x[0], x[1]),
+            Op::Mul => b.ins().fmul(x[0], x[1]),
+            Op::Div => b.ins().fdiv(x[0], x[1]),
+            Op::Pow => match self.g.constant_value(ids[1]) {
+                Some(k) if k == 1.0 => x[0],
+                Some(k) if k == 2.0 => b.ins().fmul(x[0], x[0]),
+                Some(k) if k == 3.0 => {
+                    let sq = b.ins().fmul(x[0], x[0]);
+                    b.ins().fmul(sq, x[0])
+                }
+                _ => m.pow(b, x[0], x[1]),
+            },
+            Op::Min => b.ins().fmin(x[0], x[1]),
+            Op::Max => b.ins().fmax(x[0], x[1]),
+            Op::Lt => flag(b, FloatCC::LessThan),
+            Op::Le => flag(b, FloatCC::LessThanOrEqual),
+            Op::Gt => flag(b, FloatCC::GreaterThan),
+            Op::Ge => flag(b, FloatCC::GreaterThanOrEqual),
+            Op::Eq => flag(b, FloatCC::Equal),
+            Op::Ne => flag(b, FloatCC::NotEqual),
+            Op::Select => {
+                let z = math::splat(b, 0.0);
+                let pick = b.ins().fcmp(FloatCC::NotEqual, x[0], z);
+                math::select(b, pick, x[1], x[2])
+            }
+            other => return Err(format!("`{}` is not computed by native kernels", other.name())),
+        })
+    }
+}
+
+/// Four lanes from `row` at `at`.
+fn load(b: &mut FunctionBuilder, row: Value, at: At) -> Value {
+    match at {
+        At::Vector(off) => {
+            let p = b.ins().iadd(row, off);
+            b.ins().load(F32X4, data(), p, 0)
+        }
+        At::Lanes(offs) => {
+            let p = b.ins().iadd(row, offs[0]);
+            let x = b.ins().load(F32, data(), p, 0);
+            let mut v = b.ins().splat(F32X4, x);
+            for (k, off) in offs.iter().enumerate().skip(1) {
+                let p = b.ins().iadd(row, *off);
+                let x = b.ins().load(F32, data(), p, 0);
+                v = b.ins().insertlane(v, x, k as u8);
+            }
+            v
+        }
+    }
+}

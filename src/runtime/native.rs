@@ -1,0 +1,401 @@
+//! The plan's sweeps as native kernels over blocks, in parallel.
+//!
+//! For each combination of class count, broadcast pattern and requested gradients a
+//! loss is first evaluated with, its sweeps are compiled once (`backend::cranelift::sweep`)
+//! and cached in the `Loss`. A call then:
+//! 1. evaluates the small tail values that need no pass (constants, class weights) in f64;
+//! 2. per sweep, runs the kernel on every block (one batch item, up to `BLOCK` positions)
+//!    with rayon; each block leaves its partial sums (f64) in its own slots and writes its
+//!    positions of the gradients;
+//! 3. combines the partials in a fixed tree over block order (bitwise the same for any
+//!    thread count) and evaluates the tail values that became computable.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use rayon::prelude::*;
+
+use crate::backend::cranelift::sweep::{self, Args, Kernels, Shape, SweepSpec, Write};
+use crate::backend::interp;
+use crate::error::Error;
+use crate::ir::{AxisSet, Graph, NodeId, Op};
+use crate::loss::Loss;
+use crate::runtime::blocked::tree;
+use crate::schedule::{crosses_elements, levels, streamed};
+use crate::tensor::{Tensor, View};
+
+/// Spatial positions per block. Within a block each lane sums at most BLOCK / 4 values in
+/// f32; blocks are combined in f64.
+pub const BLOCK: usize = 2048;
+
+/// The most classes the kernels unroll; more run on the blocked interpreter.
+pub const MAX_CLASSES: usize = 64;
+
+/// Why a loss or a call cannot run natively (the caller falls back), or `None`.
+pub fn unsupported(loss: &Loss, inputs: &[View], ext: [usize; 3], want: &[bool]) -> Option<String> {
+    if ext[1] > MAX_CLASSES {
+        return Some(format!("more than {MAX_CLASSES} classes"));
+    }
+    let g = loss.graph();
+    for id in g.reachable(&roots(loss, want)) {
+        let n = g.node(id);
+        let ok = match n.op {
+            Op::Sort { .. } | Op::Gather | Op::Scatter | Op::Cumsum | Op::RevCumsum | Op::Prev(_) | Op::Next => false,
+            Op::LogSumExp(_) if crosses_elements(g, id) => false,
+            Op::Sum(_) | Op::LogSumExp(_) if streamed(g, id) => {
+                n.op == Op::Sum(AxisSet::CLASS) || n.op == Op::LogSumExp(AxisSet::CLASS)
+            }
+            _ => true,
+        };
+        if !ok {
+            return Some(format!("`{}` over elements", n.op.name()));
+        }
+    }
+    // A gradient is written per position, or summed over positions where the input is
+    // broadcast along the spatial axis; blocks of different batch items cannot share positions.
+    for ((spec, v), &w) in loss.inputs().iter().zip(inputs).zip(want) {
+        if w && spec.axes.has_index(0) && v.shape[0] != ext[0] && v.shape[2] == ext[2] && ext[2] > 1 {
+            return Some(format!("the gradient of `{}`, broadcast over the batch but not over positions", spec.name));
+        }
+    }
+    None
+}
+
+fn roots(loss: &Loss, want: &[bool]) -> Vec<NodeId> {
+    let mut roots = vec![loss.root()];
+    roots.extend(loss.gradient_nodes().iter().zip(want).filter(|(_, &w)| w).filter_map(|(g, _)| *g));
+    roots
+}
+
+/// What a loss is compiled for.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Key {
+    shape: Shape,
+    /// Per input: given with one class row.
+    one_row: Vec<bool>,
+    want: Vec<bool>,
+}
+
+/// One sweep: its kernel and what its sums are.
+struct Sweep {
+    spec: SweepSpec,
+    /// The reduction nodes computed by the first sums.
+    reductions: Vec<NodeId>,
+    /// The inputs (broadcast along positions) whose gradients the remaining sums are.
+    grad_sums: Vec<usize>,
+}
+
+/// A loss compiled for one key: the kernels and what each sweep does.
+struct Compiled {
+    kernels: Kernels,
+    /// Per sweep: what it computes, or `None` when it only runs the tail.
+    sweeps: Vec<Option<Sweep>>,
+    level: HashMap<NodeId, usize>,
+    order: Vec<NodeId>,
+}
+
+/// Compiled kernels of one loss, by key. Cloning a loss starts an empty cache.
+#[derive(Default)]
+pub struct Cache(Mutex<HashMap<Key, Arc<Compiled>>>);
+
+impl Clone for Cache {
+    fn clone(&self) -> Self {
+        Cache::default()
+    }
+}
+
+impl std::fmt::Debug for Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0.lock().map_or(0, |m| m.len());
+        write!(f, "Cache({n} compiled)")
+    }
+}
+
+fn compile(loss: &Loss, key: &Key) -> Result<Compiled, Error> {
+    let g = loss.graph();
+    let roots = roots(loss, &key.want);
+    let level = levels(g, &roots);
+    let order = g.reachable(&roots);
+    let mut count = level[&loss.root()];
+    let mut writes: Vec<(usize, Write)> = Vec::new();
+    let mut grad_sums: Vec<(usize, usize)> = Vec::new();
+    for (i, (node, &w)) in loss.gradient_nodes().iter().zip(&key.want).enumerate() {
+        let Some(n) = node.filter(|_| w) else { continue };
+        let n = &n;
+        if !streamed(g, *n) {
+            count = count.max(level[n]);
+            continue;
+        }
+        count = count.max(level[n] + 1);
+        if key.shape.spatial_broadcast[i] {
+            grad_sums.push((level[n], i));
+            continue;
+        }
+        let declared = loss.inputs()[i].axes.contains(AxisSet::CLASS);
+        let rows = if declared && !key.one_row[i] { key.shape.classes } else { 1 };
+        let sum_classes = declared && key.one_row[i] && key.shape.classes > 1;
+        writes.push((level[n], Write { input: i, node: *n, rows, sum_classes }));
+    }
+    let mut sweeps = Vec::new();
+    for k in 0..count {
+        let reductions: Vec<NodeId> =
+            order.iter().copied().filter(|&id| crosses_elements(g, id) && level[&id] == k + 1).collect();
+        let inputs: Vec<usize> = grad_sums.iter().filter(|(l, _)| *l == k).map(|(_, i)| *i).collect();
+        let w: Vec<Write> = writes.iter().filter(|(l, _)| *l == k).map(|(_, w)| w.clone()).collect();
+        if reductions.is_empty() && inputs.is_empty() && w.is_empty() {
+            sweeps.push(None);
+            continue;
+        }
+        let mut sums: Vec<NodeId> = reductions.iter().map(|&r| g.node(r).args[0]).collect();
+        sums.extend(inputs.iter().map(|&i| loss.gradient_nodes()[i].expect("invariant: wanted gradient")));
+        sweeps.push(Some(Sweep { spec: SweepSpec::new(g, sums, w), reductions, grad_sums: inputs }));
+    }
+    let specs: Vec<SweepSpec> = sweeps.iter().flatten().map(|s| s.spec.clone()).collect();
+    let kernels = sweep::compile(g, &specs, &key.shape).map_err(Error::Unsupported)?;
+    Ok(Compiled { kernels, sweeps, level, order })
+}
+
+/// A pointer shared by the blocks, each of which touches only its own part.
+#[derive(Clone, Copy)]
+struct Shared<T>(T);
+// SAFETY: blocks write disjoint positions of the gradient buffers and their own partials.
+unsafe impl<T> Send for Shared<T> {}
+unsafe impl<T> Sync for Shared<T> {}
+
+/// One block: a batch item and a range of spatial positions.
+#[derive(Clone, Copy)]
+struct Block {
+    b: usize,
+    s0: usize,
+    len: usize,
+}
+
+/// The loss value (and requested gradients) on native kernels. The caller has checked the
+/// inputs and buffers and that `unsupported` is `None`.
+pub fn evaluate(loss: &Loss, inputs: &[View], ext: [usize; 3], grads: &mut [Option<&mut [f32]>]) -> Result<f64, Error> {
+    let g = loss.graph();
+    let want: Vec<bool> = (0..inputs.len()).map(|i| grads.get(i).is_some_and(Option::is_some)).collect();
+    let key = Key {
+        shape: Shape {
+            classes: ext[1],
+            spatial_broadcast: inputs.iter().map(|v| v.shape[2] == 1 && ext[2] > 1).collect(),
+        },
+        one_row: inputs.iter().map(|v| v.shape[1] == 1).collect(),
+        want,
+    };
+    let compiled = {
+        let cache = loss.native_cache();
+        let mut map = cache.0.lock().unwrap_or_else(|e| e.into_inner());
+        match map.get(&key) {
+            Some(c) => Arc::clone(c),
+            None => {
+                let c = Arc::new(compile(loss, &key)?);
+                map.insert(key.clone(), Arc::clone(&c));
+                c
+            }
+        }
+    };
+
+    // Small inputs (no spatial axis) for the tail; streamed ones are never read there.
+    let owned: Vec<Tensor> = loss
+        .inputs()
+        .iter()
+        .zip(inputs)
+        .map(|(spec, v)| if spec.axes.has_index(2) { Tensor::scalar(f64::NAN) } else { v.to_tensor() })
+        .collect();
+    let tensors: Vec<&Tensor> = owned.iter().collect();
+    let tail = |known: &mut HashMap<NodeId, Tensor>, done: usize| {
+        let ready: Vec<NodeId> = compiled
+            .order
+            .iter()
+            .copied()
+            .filter(|&id| !streamed(g, id) && compiled.level[&id] <= done && !known.contains_key(&id))
+            .collect();
+        let values = interp::evaluate_with(g, &ready, &tensors, ext, known);
+        known.extend(ready.into_iter().zip(values));
+    };
+    let mut known: HashMap<NodeId, Tensor> = HashMap::new();
+    tail(&mut known, 0);
+
+    let blocks: Vec<Block> = (0..ext[0])
+        .flat_map(|b| (0..ext[2]).step_by(BLOCK).map(move |s0| Block { b, s0, len: BLOCK.min(ext[2] - s0) }))
+        .collect();
+    let strides = |shape: [usize; 3]| -> [i64; 2] {
+        let bs = if shape[0] == 1 { 0 } else { shape[1] * shape[2] };
+        let cs = if shape[1] == 1 { 0 } else { shape[2] };
+        [bs as i64, cs as i64]
+    };
+    let input_ptrs: Vec<*const f32> = inputs.iter().map(|v| v.data.as_ptr()).collect();
+    let input_strides: Vec<[i64; 2]> = inputs.iter().map(|v| strides(v.shape)).collect();
+    let mut kernel = 0;
+    let mut summed_grads: HashMap<usize, Tensor> = HashMap::new();
+    for (done, sweep) in compiled.sweeps.iter().enumerate() {
+        let Some(Sweep { spec, reductions, grad_sums }) = sweep else {
+            tail(&mut known, done + 1);
+            continue;
+        };
+        let f = compiled.kernels.sweeps[kernel];
+        kernel += 1;
+        let c = ext[1];
+        // Tail slots per batch item: `c` values per slot.
+        let tails: Vec<Vec<f32>> = (0..ext[0])
+            .map(|b| {
+                let mut row = vec![0.0f32; spec.slots.len() * c];
+                for (k, id) in spec.slots.iter().enumerate() {
+                    let t = &known[id];
+                    let bi = if t.shape[0] == 1 { 0 } else { b };
+                    for ci in 0..c {
+                        let cj = if t.shape[1] == 1 { 0 } else { ci };
+                        row[k * c + ci] = t.data[bi * t.shape[1] + cj] as f32;
+                    }
+                }
+                row
+            })
+            .collect();
+        let grad_ptrs: Vec<*mut f32> = spec
+            .writes
+            .iter()
+            .map(|w| grads[w.input].as_mut().expect("invariant: a wanted gradient has a buffer").as_mut_ptr())
+            .collect();
+        let grad_strides: Vec<[i64; 2]> = spec.writes.iter().map(|w| strides(inputs[w.input].shape)).collect();
+        let cells = spec.cells(g, c);
+        let per_block: usize = cells.iter().sum();
+        let mut partials = vec![0.0f64; blocks.len() * per_block];
+        let shared = Shared((
+            input_ptrs.as_ptr(),
+            input_strides.as_ptr(),
+            grad_ptrs.as_ptr(),
+            grad_strides.as_ptr(),
+            partials.as_mut_ptr(),
+        ));
+        let tails = &tails;
+        (0..blocks.len()).into_par_iter().for_each(|k| {
+            let s = shared;
+            let (inputs, input_strides, grads, grad_strides, partials) = s.0;
+            let block = blocks[k];
+            let args = Args {
+                inputs,
+                input_strides,
+                grads: grads.cast(),
+                grad_strides,
+                tail: tails[block.b].as_ptr(),
+                // SAFETY: block k owns partials[k * per_block..(k + 1) * per_block].
+                partials: unsafe { partials.add(k * per_block) },
+                b: block.b as i64,
+                s0: block.s0 as i64,
+                len: block.len as i64,
+            };
+            // SAFETY: the kernel reads the inputs at this block's positions (in bounds: the
+            // shapes were checked), its tail row and writes its own partials and the
+            // gradients at its own positions; the buffers outlive the call.
+            unsafe { f(&args) };
+        });
+        let mut offset = 0;
+        let sums = Sums { blocks: &blocks, partials: &partials, per_block };
+        for (&r, &n) in reductions.iter().zip(&cells) {
+            known.insert(r, combine(g, r, &sums, offset, n, ext));
+            offset += n;
+        }
+        for (&i, &n) in grad_sums.iter().zip(&cells[reductions.len()..]) {
+            let node = loss.gradient_nodes()[i].expect("invariant: wanted gradient");
+            summed_grads
+                .insert(i, gradient_sum(g, node, &loss.inputs()[i].axes, &sums, offset, n, ext, inputs[i].shape));
+            offset += n;
+        }
+        tail(&mut known, done + 1);
+    }
+
+    for (i, (((out, spec), node), v)) in
+        grads.iter_mut().zip(loss.inputs()).zip(loss.gradient_nodes()).zip(inputs).enumerate()
+    {
+        let Some(out) = out else { continue };
+        match node {
+            None => out.fill(0.0),
+            Some(n) if !streamed(g, *n) => {
+                let used: [usize; 3] = std::array::from_fn(|a| if spec.axes.has_index(a) { ext[a] } else { 1 });
+                let t = known[n].broadcast_to(used).fit_to(v.shape);
+                for (o, x) in out.iter_mut().zip(&t.data) {
+                    *o = *x as f32;
+                }
+            }
+            Some(_) => {
+                // Written by the sweeps, or summed there over the positions it is broadcast along.
+                if let Some(t) = summed_grads.get(&i) {
+                    for (o, x) in out.iter_mut().zip(&t.data) {
+                        *o = *x as f32;
+                    }
+                }
+            }
+        }
+    }
+    Ok(known[&loss.root()].data[0])
+}
+
+/// The blocks' partial sums.
+struct Sums<'a> {
+    blocks: &'a [Block],
+    partials: &'a [f64],
+    per_block: usize,
+}
+
+impl Sums<'_> {
+    /// Cell `offset + c` summed in a fixed tree over the blocks (in block order) that `pick`.
+    fn total(&self, offset: usize, c: usize, pick: impl Fn(usize) -> bool) -> f64 {
+        let values: Vec<f64> = self
+            .blocks
+            .iter()
+            .enumerate()
+            .filter(|(_, k)| pick(k.b))
+            .map(|(k, _)| self.partials[k * self.per_block + offset + c])
+            .collect();
+        tree(&values, false)
+    }
+}
+
+/// Reduction `r` from the sums of its operand (`cells` per block from `offset`).
+fn combine(g: &Graph, r: NodeId, sums: &Sums, offset: usize, cells: usize, ext: [usize; 3]) -> Tensor {
+    let Op::Sum(over) = g.node(r).op else { unreachable!("native reductions are sums") };
+    let keeps_batch = g.axes(r).contains(AxisSet::BATCH);
+    let rows = if keeps_batch { ext[0] } else { 1 };
+    let mut per_cell = vec![0.0; rows * cells];
+    for row in 0..rows {
+        // An operand without a batch axis is the same in every batch item: count it once
+        // unless the sum is over the batch.
+        let pick = |b: usize| if keeps_batch { b == row } else { over.contains(AxisSet::BATCH) || b == 0 };
+        for c in 0..cells {
+            per_cell[row * cells + c] = sums.total(offset, c, pick);
+        }
+    }
+    if !over.contains(AxisSet::CLASS) {
+        return Tensor::new([rows, cells, 1], per_cell);
+    }
+    // Summed over classes too: in class order, or C copies of a class-free operand.
+    let data =
+        per_cell.chunks(cells).map(|row| if cells == 1 { row[0] * ext[1] as f64 } else { row.iter().sum() }).collect();
+    Tensor::new([rows, 1, 1], data)
+}
+
+/// The gradient of an input broadcast along the spatial axis: its gradient node summed over
+/// positions, then over the copies the input stands for (as `Loss::eval_grad` does).
+#[allow(clippy::too_many_arguments)]
+fn gradient_sum(
+    g: &Graph,
+    node: NodeId,
+    axes: &AxisSet,
+    sums: &Sums,
+    offset: usize,
+    cells: usize,
+    ext: [usize; 3],
+    shape: [usize; 3],
+) -> Tensor {
+    let per_item = g.axes(node).contains(AxisSet::BATCH);
+    let rows = if per_item { ext[0] } else { 1 };
+    let mut data = vec![0.0; rows * cells];
+    for row in 0..rows {
+        for c in 0..cells {
+            data[row * cells + c] = sums.total(offset, c, |b| b == row);
+        }
+    }
+    let used = [if axes.has_index(0) { ext[0] } else { 1 }, if axes.has_index(1) { ext[1] } else { 1 }, 1];
+    Tensor::new([rows, cells, 1], data).broadcast_to(used).fit_to(shape)
+}

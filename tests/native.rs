@@ -1,0 +1,225 @@
+//! The native engine (Cranelift kernels per sweep) against the f64 reference evaluator,
+//! and bitwise the same for any number of threads.
+//!
+//! Inputs are rounded to f32 first and the reference runs on the rounded values, so the
+//! comparison measures the kernels' arithmetic, not the input conversion. Tolerances: the
+//! loss within 1e-5 relative, each gradient within 1e-5 of its largest magnitude.
+
+use lossc::runtime::{self, Engine};
+use lossc::synth::{self, Rng};
+use lossc::{Loss, Tensor, View};
+
+/// Inputs rounded to f32, as the kernels see them and as f64 tensors for the reference.
+fn rounded(inputs: &[Tensor]) -> (Vec<Vec<f32>>, Vec<Tensor>) {
+    let data: Vec<Vec<f32>> = inputs.iter().map(|t| t.data.iter().map(|&v| v as f32).collect()).collect();
+    let tensors = inputs
+        .iter()
+        .zip(&data)
+        .map(|(t, d)| Tensor::new(t.shape, d.iter().map(|&v| f64::from(v)).collect()))
+        .collect();
+    (data, tensors)
+}
+
+/// Value and every gradient by the native runtime.
+fn native(loss: &Loss, shapes: &[[usize; 3]], data: &[Vec<f32>], want: &[bool]) -> (f64, Vec<Vec<f32>>) {
+    let views: Vec<View> = shapes.iter().zip(data).map(|(s, d)| View::new(*s, d)).collect();
+    let ext = loss.extents(shapes).expect("shapes");
+    assert_eq!(runtime::engine(loss, &views, ext, want), Engine::Native, "{} at {shapes:?}", loss.name());
+    let mut bufs: Vec<Vec<f32>> = data.iter().map(|d| vec![f32::NAN; d.len()]).collect();
+    let mut slots: Vec<Option<&mut [f32]>> =
+        bufs.iter_mut().zip(want).map(|(b, &w)| if w { Some(b.as_mut_slice()) } else { None }).collect();
+    let value = loss.evaluate(&views, &mut slots).unwrap_or_else(|e| panic!("{}: {e}", loss.name()));
+    (value, bufs)
+}
+
+fn close_value(got: f64, want: f64) -> bool {
+    (got - want).abs() <= 1e-5 * want.abs().max(1e-30) || (got.is_nan() && want.is_nan())
+}
+
+/// Checks value and wanted gradients against the reference; returns a failure description.
+fn compare(loss: &Loss, inputs: &[Tensor], want: &[bool], what: &str) -> Result<(), String> {
+    let (data, tensors) = rounded(inputs);
+    let shapes: Vec<[usize; 3]> = inputs.iter().map(|t| t.shape).collect();
+    let refs: Vec<&Tensor> = tensors.iter().collect();
+    let (value, grads) = loss.eval_grad(&refs).map_err(|e| e.to_string())?;
+    let (got, got_grads) = native(loss, &shapes, &data, want);
+    let tiny = loss.extents(&shapes).expect("shapes").iter().product::<usize>() < 8;
+    if !close_value(got, value) {
+        return Err(format!("{} {what}: loss {got} vs {value}", loss.name()));
+    }
+    for (i, (g, w)) in got_grads.iter().zip(&grads).enumerate() {
+        if !want[i] {
+            continue;
+        }
+        // A gradient that is exactly 0 in f64 comes out as float32 rounding noise: 1e-4
+        // absolute. On fewer than 8 elements gradients are differences of terms of order 1
+        // (one element is the whole intersection and union): 1e-4 of max|g| there.
+        let scale = w.data.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        let tolerance = if scale == 0.0 {
+            1e-4
+        } else if tiny {
+            1e-4 * scale
+        } else {
+            1e-5 * scale
+        };
+        for (k, (a, b)) in g.iter().zip(&w.data).enumerate() {
+            let a = f64::from(*a);
+            if !((a - b).abs() <= tolerance || (a.is_nan() && b.is_nan())) {
+                return Err(format!(
+                    "{} {what}: d/d{} [{k}] = {a} vs {b} (max |g| {scale})",
+                    loss.name(),
+                    loss.inputs()[i].name
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn stdlib_losses() -> Vec<Loss> {
+    lossc::stdlib::stdlib()
+        .defs
+        .iter()
+        .filter_map(|d| Loss::compile(&d.name.name, "").ok())
+        .filter(|l| !runtime::has_sort(l))
+        .collect()
+}
+
+#[test]
+fn every_stdlib_loss_agrees_with_the_reference() {
+    let seed: u64 = rand::random();
+    let mut rng = Rng::new(seed);
+    let losses = stdlib_losses();
+    assert!(losses.len() >= 28, "{}", losses.len());
+    let mut failures = Vec::new();
+    // Binary, multiclass, batched; sizes that are not multiples of 4 or of the block.
+    for ext in [[1, 1, 1], [1, 1, 7], [2, 1, 4099], [3, 4, 1030], [2, 5, 2048 + 13]] {
+        for loss in &losses {
+            // On one element MCC's denominator is its smoothing term: the gradient of the
+            // targets is cancellation noise (about 1e-13 in f64, 1e-4 in f32).
+            if loss.name() == "mcc" && ext == [1, 1, 1] {
+                continue;
+            }
+            let inputs = synth::inputs(loss.inputs(), ext, &mut rng);
+            let all = vec![true; inputs.len()];
+            if let Err(e) = compare(loss, &inputs, &all, &format!("at {ext:?}")) {
+                failures.push(e);
+            }
+        }
+    }
+    assert!(failures.is_empty(), "seed {seed}:\n{}", failures.join("\n"));
+}
+
+#[test]
+fn value_only_and_some_gradients() {
+    let seed: u64 = rand::random();
+    let mut rng = Rng::new(seed);
+    for name in ["dice", "focal_tversky", "dice_multiclass", "cross_entropy", "bce_logits_masked"] {
+        let loss = Loss::compile(name, "").expect("compiles");
+        let inputs = synth::inputs(loss.inputs(), [2, 3, 999], &mut rng);
+        let mut first = vec![false; inputs.len()];
+        first[0] = true;
+        compare(&loss, &inputs, &first, "first gradient").unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        // Value only: no gradient buffers at all.
+        let (data, tensors) = rounded(&inputs);
+        let views: Vec<View> = inputs.iter().zip(&data).map(|(t, d)| View::new(t.shape, d)).collect();
+        let got = loss.evaluate(&views, &mut []).expect("value");
+        let want = loss.eval(&tensors.iter().collect::<Vec<_>>()).expect("reference");
+        assert!(close_value(got, want), "{name} value only (seed {seed}): {got} vs {want}");
+    }
+}
+
+#[test]
+fn hyperparameters_and_user_losses() {
+    let seed: u64 = rand::random();
+    let mut rng = Rng::new(seed);
+    let cases = [
+        ("tversky", "alpha=0.2,beta=0.8"),
+        ("focal", "gamma=2.5,alpha=0.3"),
+        ("focal_tversky", "gamma=1.7"),
+        ("combo", "alpha=0.3,ce_ratio=0.6"),
+        ("0.5*dice(sigmoid(x), y) + bce_logits(x, y)", ""),
+        ("mean(where(x > 0, log1p(exp(-x)), tanh(x) ^ 2) + min(x, y) - max(abs(x), 0.5) * clamp(x, -1, 1))", ""),
+        ("mean(softplus(x) * y - log_softmax(x) * y) + mean(sqrt(abs(x)) ^ 1.5)", ""),
+        ("mean((x >= 0) + (x <= y) + (x == y) + (x != y) + (x < 1) + relu(x - y))", ""),
+    ];
+    for (source, params) in cases {
+        let loss = Loss::compile(source, params).unwrap_or_else(|e| panic!("{source}: {e}"));
+        for ext in [[2, 3, 1501], [1, 1, 6]] {
+            let inputs = synth::inputs(loss.inputs(), ext, &mut rng);
+            let all = vec![true; inputs.len()];
+            compare(&loss, &inputs, &all, &format!("{source} at {ext:?}"))
+                .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        }
+    }
+}
+
+#[test]
+fn broadcast_inputs() {
+    let seed: u64 = rand::random();
+    let mut rng = Rng::new(seed);
+    // Targets with one class row for three classes, weights per class, a map shared by the batch.
+    let loss = Loss::compile("dice(p, y) + mean(w * p) + mean(p * d)", "").expect("compiles");
+    let shapes = [[2, 3, 1500], [2, 1, 1500], [1, 3, 1], [1, 1, 1500]];
+    let inputs: Vec<Tensor> =
+        shapes.iter().map(|&s| Tensor::new(s, (0..s.iter().product()).map(|_| rng.uniform()).collect())).collect();
+    // Gradients of inputs broadcast over classes (summed) and of class weights (tail values).
+    compare(&loss, &inputs, &[true, true, true, false], "broadcast").unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+    // An input constant along the spatial axis is read by splatting.
+    let shapes = [[2, 3, 1500], [2, 3, 1]];
+    let loss = Loss::compile("mean(sigmoid(x) * y)", "").expect("compiles");
+    let inputs: Vec<Tensor> =
+        shapes.iter().map(|&s| Tensor::new(s, (0..s.iter().product()).map(|_| rng.normal()).collect())).collect();
+    compare(&loss, &inputs, &[true, false], "spatial broadcast").unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+}
+
+/// At 4M elements a plain f32 running sum would drift; block sums in f32 combined in f64 do not.
+#[test]
+fn four_million_elements() {
+    let seed: u64 = rand::random();
+    let mut rng = Rng::new(seed);
+    for (name, ext) in [("dice", [1, 1, 1 << 22]), ("focal", [4, 1, 1 << 20]), ("dice_multiclass", [2, 4, 1 << 19])] {
+        let loss = Loss::compile(name, "").expect("compiles");
+        let inputs = synth::inputs(loss.inputs(), ext, &mut rng);
+        let mut first = vec![false; inputs.len()];
+        first[0] = true;
+        compare(&loss, &inputs, &first, &format!("at {ext:?}")).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+    }
+}
+
+#[test]
+fn results_are_bitwise_identical_for_any_thread_count() {
+    let seed: u64 = rand::random();
+    for name in ["dice", "dice_multiclass", "focal", "tversky_per_image", "cross_entropy_index", "generalized_dice"] {
+        let loss = Loss::compile(name, "").expect("compiles");
+        let inputs = synth::inputs(loss.inputs(), [3, 4, 30_001], &mut Rng::new(seed));
+        let (data, _) = rounded(&inputs);
+        let shapes: Vec<[usize; 3]> = inputs.iter().map(|t| t.shape).collect();
+        let all = vec![true; inputs.len()];
+        let results: Vec<(f64, Vec<Vec<f32>>)> = [1, 2, 7]
+            .iter()
+            .map(|&n| {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(n).build().expect("pool");
+                pool.install(|| native(&loss, &shapes, &data, &all))
+            })
+            .collect();
+        for r in &results[1..] {
+            assert_eq!(r.0.to_bits(), results[0].0.to_bits(), "{name} (seed {seed})");
+            for (a, b) in r.1.iter().zip(&results[0].1) {
+                assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "{name} (seed {seed})");
+            }
+        }
+    }
+}
+
+#[test]
+fn non_finite_inputs_give_nan_not_a_crash() {
+    let loss = Loss::compile("dice", "").expect("compiles");
+    let mut p: Vec<f32> = (0..100).map(|i| i as f32 / 100.0).collect();
+    p[37] = f32::NAN;
+    let y: Vec<f32> = (0..100).map(|i| (i % 3 == 0) as u8 as f32).collect();
+    let mut g = vec![0.0f32; 100];
+    let views = [View::new([1, 1, 100], &p), View::new([1, 1, 100], &y)];
+    let value = loss.evaluate(&views, &mut [Some(&mut g), None]).expect("evaluates");
+    assert!(value.is_nan());
+}
