@@ -298,6 +298,50 @@ impl Math {
         b.ins().fadd(pos, l)
     }
 
+    /// e^-|x|, the value sigmoid and softplus of x and of -x are all built from; in [0, 1].
+    pub fn exp_neg_abs(self, b: &mut FunctionBuilder, x: Value) -> Value {
+        let nx = neg_abs(b, x);
+        self.exp_le_89(b, nx)
+    }
+
+    /// u = 1 + z and 1/u for z = `exp_neg_abs(x)`: the one division sigmoid and softplus
+    /// of x and -x share.
+    pub fn one_plus_recip(self, b: &mut FunctionBuilder, z: Value) -> (Value, Value) {
+        let one = splat(b, 1.0);
+        let u = b.ins().fadd(z, one);
+        (u, b.ins().fdiv(one, u))
+    }
+
+    /// sigmoid(x) and sigmoid(-x) from z = `exp_neg_abs(x)` and r = 1/(1+z): r on the side
+    /// of x's sign and z r on the other. Within 3.5 ulp (one rounding more than
+    /// [`Math::sigmoid`]).
+    pub fn sigmoid_pair(self, b: &mut FunctionBuilder, x: Value, z: Value, r: Value) -> (Value, Value) {
+        let small = b.ins().fmul(z, r);
+        let neg = fcmp_k(b, FloatCC::LessThan, x, 0.0);
+        let pos = select(b, neg, small, r);
+        let negated = select(b, neg, r, small);
+        (pos, negated)
+    }
+
+    /// log1p(z) for z = `exp_neg_abs(x)` from u = 1 + z and r = 1/u (softplus(±x) =
+    /// max(±x, 0) + log1p(z)); the rounding error of u is divided by u as a product with r.
+    pub fn log1p_exp_neg_abs(self, b: &mut FunctionBuilder, z: Value, u: Value, r: Value) -> Value {
+        let one = splat(b, 1.0);
+        let um1 = b.ins().fsub(u, one);
+        let c = b.ins().fsub(z, um1); // z <= 1, so Fast2Sum's order holds
+        let (e, f) = split(b, u, false);
+        // ln(u + c) = ln(u) + c/u to within c^2, and ln u = e ln 2 + log1p(f).
+        let extra = b.ins().fmul(c, r);
+        self.log_reduced(b, e, f, Some(extra))
+    }
+
+    /// max(x, 0) + l, softplus's last step.
+    pub fn positive_part_plus(self, b: &mut FunctionBuilder, x: Value, l: Value) -> Value {
+        let zero = splat(b, 0.0);
+        let pos = max(b, x, zero);
+        b.ins().fadd(pos, l)
+    }
+
     /// See [`tanh`].
     pub fn tanh(self, b: &mut FunctionBuilder, x: Value) -> Value {
         let ax = abs(b, x);

@@ -171,7 +171,13 @@ pub fn compile(g: &Graph, specs: &[SweepSpec], shape: &Shape) -> Result<Kernels,
         let id = module
             .declare_function(&format!("sweep{k}"), Linkage::Local, &ctx.func.signature)
             .map_err(|e| e.to_string())?;
+        // LOSSC_DISASM=1 prints each kernel's machine code (for work on the code generator).
+        let disasm = std::env::var_os("LOSSC_DISASM").is_some();
+        ctx.set_disasm(disasm);
         module.define_function(id, &mut ctx).map_err(|e| format!("sweep {k}: {e:?}"))?;
+        if let Some(code) = ctx.compiled_code().filter(|_| disasm) {
+            eprintln!("sweep {k}:\n{}", code.vcode.as_deref().unwrap_or("(no disassembly)"));
+        }
         module.clear_context(&mut ctx);
         ids.push(id);
     }
@@ -188,12 +194,34 @@ pub fn compile(g: &Graph, specs: &[SweepSpec], shape: &Shape) -> Result<Kernels,
     Ok(Kernels { module: Some(module), sweeps })
 }
 
-/// Where a body's four lanes are: consecutive positions from a byte offset, or four
-/// separate byte offsets (the remainder, clamped to the block).
+/// Where a body's four lanes are, from the rows' current addresses: the next four
+/// positions, or four byte offsets (the remainder, clamped to the block).
 #[derive(Clone, Copy)]
 enum At {
-    Vector(Value),
+    Vector,
     Lanes([Value; 4]),
+}
+
+/// A row of a tensor: its address at the current position, advanced as the loop goes, or
+/// fixed (an input broadcast along positions).
+#[derive(Clone, Copy)]
+enum Row {
+    Moving(Variable),
+    Fixed(Value),
+}
+
+impl Row {
+    fn moving(b: &mut FunctionBuilder, start: Value) -> Row {
+        let v = b.declare_var(I64);
+        b.def_var(v, start);
+        Row::Moving(v)
+    }
+    fn get(&self, b: &mut FunctionBuilder) -> Value {
+        match *self {
+            Row::Moving(v) => b.use_var(v),
+            Row::Fixed(p) => p,
+        }
+    }
 }
 
 struct Emitter<'a> {
@@ -234,8 +262,9 @@ impl Emitter<'_> {
         let (body, slots) = body_and_slots(g, &roots(&self.spec.sums, &self.spec.writes));
         debug_assert_eq!(slots, self.spec.slots);
         let entry = b.create_block();
-        let head = b.create_block();
-        let vector = b.create_block();
+        let outer = b.create_block();
+        let inner = b.create_block();
+        let flush_block = b.create_block();
         let check_rest = b.create_block();
         let rest = b.create_block();
         let done = b.create_block();
@@ -254,42 +283,44 @@ impl Emitter<'_> {
         let s0 = field(b, args, ARG_S0);
         let len = field(b, args, ARG_LEN);
 
-        // Row starts: per (input, class) and per (write, row), the address of position s0.
-        let mut rows: HashMap<(usize, usize), Value> = HashMap::new();
+        // Row pointers at the current position, carried in variables and advanced by four
+        // positions per step (a fixed row, for inputs broadcast along positions).
+        let row_start = |b: &mut FunctionBuilder, base: Value, bs: Value, cs: Value, c: usize, along: bool| {
+            let mut offset = b.ins().imul(batch, bs);
+            if along {
+                offset = b.ins().iadd(offset, s0);
+            }
+            let cc = b.ins().iconst(I64, c as i64);
+            let co = b.ins().imul(cs, cc);
+            let o = b.ins().iadd(offset, co);
+            let o = b.ins().ishl_imm_u(o, 2);
+            b.ins().iadd(base, o)
+        };
+        let mut rows: HashMap<(usize, usize), Row> = HashMap::new();
         for &id in &body {
             if let Op::Input { index, .. } = g.node(id).op {
                 let i = index as usize;
                 let base = field(b, inputs, 8 * index as i32);
                 let bs = field(b, input_strides, 16 * index as i32);
                 let cs = field(b, input_strides, 16 * index as i32 + 8);
-                let mut offset = b.ins().imul(batch, bs);
-                if !self.shape.spatial_broadcast[i] {
-                    offset = b.ins().iadd(offset, s0);
-                }
+                let fixed = self.shape.spatial_broadcast[i];
                 for c in 0..self.classes(id) {
-                    let cc = b.ins().iconst(I64, c as i64);
-                    let co = b.ins().imul(cs, cc);
-                    let o = b.ins().iadd(offset, co);
-                    let o = b.ins().ishl_imm_u(o, 2);
-                    rows.insert((i, c), b.ins().iadd(base, o));
+                    let start = row_start(b, base, bs, cs, c, !fixed);
+                    rows.insert((i, c), if fixed { Row::Fixed(start) } else { Row::moving(b, start) });
                 }
             }
         }
-        let mut write_rows: Vec<Vec<Value>> = Vec::new();
+        let mut write_rows: Vec<Vec<Row>> = Vec::new();
         for (w, write) in self.spec.writes.iter().enumerate() {
             let base = field(b, grads, 8 * w as i32);
             let bs = field(b, grad_strides, 16 * w as i32);
             let cs = field(b, grad_strides, 16 * w as i32 + 8);
-            let offset = b.ins().imul(batch, bs);
-            let offset = b.ins().iadd(offset, s0);
-            let mut list = Vec::new();
-            for c in 0..write.rows {
-                let cc = b.ins().iconst(I64, c as i64);
-                let co = b.ins().imul(cs, cc);
-                let o = b.ins().iadd(offset, co);
-                let o = b.ins().ishl_imm_u(o, 2);
-                list.push(b.ins().iadd(base, o));
-            }
+            let list = (0..write.rows)
+                .map(|c| {
+                    let start = row_start(b, base, bs, cs, c, true);
+                    Row::moving(b, start)
+                })
+                .collect();
             write_rows.push(list);
         }
         // Tail slots and constants, splatted once per block.
@@ -313,7 +344,7 @@ impl Emitter<'_> {
             }
         }
 
-        // Accumulators per sum cell: an f32x4 for up to FLUSH positions, then two f64x2.
+        // Accumulators per sum cell: an f32x4 over FLUSH positions, then two f64x2.
         let cells: Vec<usize> = self.spec.cells(g, self.shape.classes);
         let zero = math::splat(b, 0.0);
         let zero64 = {
@@ -323,24 +354,20 @@ impl Emitter<'_> {
         let i = b.declare_var(I64);
         let izero = b.ins().iconst(I64, 0);
         b.def_var(i, izero);
-        let mut accs: Vec<Vec<Variable>> = Vec::new();
+        let mut narrow: Vec<Variable> = Vec::new();
         let mut wide: Vec<[Variable; 2]> = Vec::new();
-        for &n in &cells {
-            let mut list = Vec::new();
-            for _ in 0..n {
-                let v = b.declare_var(F32X4);
-                b.def_var(v, zero);
-                list.push(v);
-                let halves = [b.declare_var(F64X2), b.declare_var(F64X2)];
-                for h in halves {
-                    b.def_var(h, zero64);
-                }
-                wide.push(halves);
+        for _ in 0..cells.iter().sum::<usize>() {
+            let v = b.declare_var(F32X4);
+            b.def_var(v, zero);
+            narrow.push(v);
+            let halves = [b.declare_var(F64X2), b.declare_var(F64X2)];
+            for h in halves {
+                b.def_var(h, zero64);
             }
-            accs.push(list);
+            wide.push(halves);
         }
         let flush = |b: &mut FunctionBuilder| {
-            for (&var, halves) in accs.iter().flatten().zip(&wide) {
+            for (&var, halves) in narrow.iter().zip(&wide) {
                 let a = b.use_var(var);
                 let high = math::high_to_low(b, a);
                 for (h, part) in halves.iter().zip([a, high]) {
@@ -352,45 +379,43 @@ impl Emitter<'_> {
                 b.def_var(var, zero);
             }
         };
-        let flush_block = b.create_block();
-        b.ins().jump(head, &[]);
-
-        // Four positions at a time while four remain.
-        b.switch_to_block(head);
-        let iv = b.use_var(i);
-        let next = b.ins().iadd_imm_s(iv, 4);
-        let fits = b.ins().icmp(IntCC::SignedLessThanOrEqual, next, len);
-        b.ins().brif(fits, vector, &[], check_rest, &[]);
-
-        b.switch_to_block(vector);
-        let iv = b.use_var(i);
-        let off = b.ins().ishl_imm_u(iv, 2);
-        let values = self.body(b, &body, &rows, At::Vector(off))?;
-        for (&operand, acc) in self.spec.sums.iter().zip(&accs) {
-            for (c, &var) in acc.iter().enumerate() {
-                let v = self.value(&values, operand, c);
-                let a = b.use_var(var);
-                let s = b.ins().fadd(a, v);
-                b.def_var(var, s);
+        let advance = |b: &mut FunctionBuilder, rows: &HashMap<(usize, usize), Row>, write_rows: &[Vec<Row>]| {
+            for row in rows.values().chain(write_rows.iter().flatten()) {
+                if let Row::Moving(var) = *row {
+                    let p = b.use_var(var);
+                    let p = b.ins().iadd_imm_s(p, 16);
+                    b.def_var(var, p);
+                }
             }
-        }
-        self.store(b, &values, &write_rows, At::Vector(off));
-        let next = b.ins().iadd_imm_s(iv, 4);
-        b.def_var(i, next);
-        if cells.is_empty() {
-            b.ins().jump(head, &[]);
-        } else {
-            // Every FLUSH positions the f32 sums move into f64, so that an f32 sum never
-            // holds more than FLUSH / 4 values.
-            let mask = b.ins().iconst(I64, FLUSH - 1);
-            let phase = b.ins().band(next, mask);
-            b.ins().brif(phase, head, &[], flush_block, &[]);
-            b.switch_to_block(flush_block);
-            flush(b);
-            b.ins().jump(head, &[]);
-        }
+            let iv = b.use_var(i);
+            let next = b.ins().iadd_imm_s(iv, 4);
+            b.def_var(i, next);
+            next
+        };
+        b.ins().jump(outer, &[]);
 
-        // The last one to three positions.
+        // Runs of FLUSH positions, four at a time, summed in f32, then moved into f64.
+        b.switch_to_block(outer);
+        let iv = b.use_var(i);
+        let stop = b.ins().iadd_imm_s(iv, FLUSH);
+        let fits = b.ins().icmp(IntCC::SignedLessThanOrEqual, stop, len);
+        b.ins().brif(fits, inner, &[], check_rest, &[]);
+
+        b.switch_to_block(inner);
+        let here = self.positions(b, &rows, &write_rows);
+        let values = self.body(b, &body, &here.0, At::Vector)?;
+        self.accumulate(b, &values, &narrow, None);
+        self.store(b, &values, &here.1, At::Vector);
+        let next = advance(b, &rows, &write_rows);
+        let more = b.ins().icmp(IntCC::SignedLessThan, next, stop);
+        b.ins().brif(more, inner, &[], flush_block, &[]);
+
+        b.switch_to_block(flush_block);
+        flush(b);
+        b.ins().jump(outer, &[]);
+
+        // The last positions (fewer than FLUSH), four lanes at a time, each lane clamped to
+        // the block's last position and masked out of the sums past it.
         b.switch_to_block(check_rest);
         let iv = b.use_var(i);
         let more = b.ins().icmp(IntCC::SignedLessThan, iv, len);
@@ -398,32 +423,26 @@ impl Emitter<'_> {
 
         b.switch_to_block(rest);
         let iv = b.use_var(i);
-        let last = b.ins().iadd_imm_s(len, -1);
+        let left = b.ins().isub(len, iv);
+        let last = b.ins().iadd_imm_s(left, -1);
         let offs: [Value; 4] = std::array::from_fn(|k| {
-            let p = b.ins().iadd_imm_s(iv, k as i64);
-            let past = b.ins().icmp(IntCC::SignedGreaterThan, p, last);
-            let p = b.ins().select(past, last, p);
+            let kk = b.ins().iconst(I64, k as i64);
+            let past = b.ins().icmp(IntCC::SignedGreaterThan, kk, last);
+            let p = b.ins().select(past, last, kk);
             b.ins().ishl_imm_u(p, 2)
         });
-        let values = self.body(b, &body, &rows, At::Lanes(offs))?;
-        let left = b.ins().isub(len, iv);
+        let here = self.positions(b, &rows, &write_rows);
+        let values = self.body(b, &body, &here.0, At::Lanes(offs))?;
         let left = b.ins().ireduce(I32, left);
         let left = b.ins().splat(I32X4, left);
         let lane_bytes: Vec<u8> = (0u32..4).flat_map(|k| k.to_le_bytes()).collect();
         let lane_ids = b.func.dfg.constants.insert(ConstantData::from(lane_bytes));
         let lane_ids = b.ins().vconst(I32X4, lane_ids);
         let live = b.ins().icmp(IntCC::SignedLessThan, lane_ids, left);
-        for (&operand, acc) in self.spec.sums.iter().zip(&accs) {
-            for (c, &var) in acc.iter().enumerate() {
-                let v = self.value(&values, operand, c);
-                let v = math::select(b, live, v, zero);
-                let a = b.use_var(var);
-                let s = b.ins().fadd(a, v);
-                b.def_var(var, s);
-            }
-        }
-        self.store(b, &values, &write_rows, At::Lanes(offs));
-        b.ins().jump(done, &[]);
+        self.accumulate(b, &values, &narrow, Some((live, zero)));
+        self.store(b, &values, &here.1, At::Lanes(offs));
+        advance(b, &rows, &write_rows);
+        b.ins().jump(check_rest, &[]);
 
         // Lanes summed in f64, in a fixed order, into the block's partials.
         b.switch_to_block(done);
@@ -440,6 +459,42 @@ impl Emitter<'_> {
         }
         b.ins().return_(&[]);
         Ok(())
+    }
+
+    /// The current addresses of the input rows and of the gradient rows.
+    #[allow(clippy::type_complexity)]
+    fn positions(
+        &self,
+        b: &mut FunctionBuilder,
+        rows: &HashMap<(usize, usize), Row>,
+        write_rows: &[Vec<Row>],
+    ) -> (HashMap<(usize, usize), (Value, bool)>, Vec<Vec<Value>>) {
+        let inputs = rows.iter().map(|(k, r)| (*k, (r.get(b), matches!(r, Row::Fixed(_))))).collect();
+        let writes = write_rows.iter().map(|list| list.iter().map(|r| r.get(b)).collect()).collect();
+        (inputs, writes)
+    }
+
+    /// Adds each summed value to its f32 accumulator (lanes outside `mask` add 0).
+    fn accumulate(
+        &self,
+        b: &mut FunctionBuilder,
+        values: &HashMap<(NodeId, usize), Value>,
+        narrow: &[Variable],
+        mask: Option<(Value, Value)>,
+    ) {
+        let mut vars = narrow.iter();
+        for &operand in &self.spec.sums {
+            for c in 0..self.classes(operand) {
+                let var = *vars.next().expect("invariant: one accumulator per cell");
+                let mut v = self.value(values, operand, c);
+                if let Some((live, zero)) = mask {
+                    v = math::select(b, live, v, zero);
+                }
+                let a = b.use_var(var);
+                let s = b.ins().fadd(a, v);
+                b.def_var(var, s);
+            }
+        }
     }
 
     fn value(&self, values: &HashMap<(NodeId, usize), Value>, id: NodeId, c: usize) -> Value {
@@ -470,9 +525,8 @@ impl Emitter<'_> {
                     self.value(values, w.node, r)
                 };
                 match at {
-                    At::Vector(off) => {
-                        let p = b.ins().iadd(addr, off);
-                        b.ins().store(data(), v, p, 0);
+                    At::Vector => {
+                        b.ins().store(data(), v, addr, 0);
                     }
                     At::Lanes(offs) => {
                         // In lane order: clamped lanes repeat the last position's value.
@@ -492,19 +546,43 @@ impl Emitter<'_> {
         &self,
         b: &mut FunctionBuilder,
         body: &[NodeId],
-        rows: &HashMap<(usize, usize), Value>,
+        rows: &HashMap<(usize, usize), (Value, bool)>,
         at: At,
     ) -> Result<HashMap<(NodeId, usize), Value>, String> {
         let g = self.g;
         let mut values: HashMap<(NodeId, usize), Value> = HashMap::new();
+        let mut logistic = Logistic::default();
         for &id in body {
             let node = g.node(id);
             let n = self.classes(id);
             match node.op {
+                // sigmoid and softplus of x and of -x share e^-|x|, one division, one log1p.
+                Op::Sigmoid | Op::Softplus => {
+                    let (base, negated) = match g.node(node.args[0]).op {
+                        Op::Neg => (g.node(node.args[0]).args[0], true),
+                        _ => (node.args[0], false),
+                    };
+                    for c in 0..n {
+                        let x = self.value(&values, base, c);
+                        let v = if node.op == Op::Sigmoid {
+                            let (pos, neg) = logistic.sigmoids(self.math, b, x);
+                            if negated {
+                                neg
+                            } else {
+                                pos
+                            }
+                        } else {
+                            let l = logistic.log1p(self.math, b, x);
+                            let arg = if negated { b.ins().fneg(x) } else { x };
+                            self.math.positive_part_plus(b, arg, l)
+                        };
+                        values.insert((id, c), v);
+                    }
+                }
                 Op::Input { index, .. } => {
                     for c in 0..n {
-                        let row = rows[&(index as usize, c)];
-                        let v = if self.shape.spatial_broadcast[index as usize] {
+                        let (row, fixed) = rows[&(index as usize, c)];
+                        let v = if fixed {
                             let x = b.ins().load(F32, data(), row, 0);
                             b.ins().splat(F32X4, x)
                         } else {
@@ -615,9 +693,9 @@ impl Emitter<'_> {
             Op::Mul => b.ins().fmul(x[0], x[1]),
             Op::Div => b.ins().fdiv(x[0], x[1]),
             Op::Pow => match self.g.constant_value(ids[1]) {
-                Some(k) if k == 1.0 => x[0],
-                Some(k) if k == 2.0 => b.ins().fmul(x[0], x[0]),
-                Some(k) if k == 3.0 => {
+                Some(1.0) => x[0],
+                Some(2.0) => b.ins().fmul(x[0], x[0]),
+                Some(3.0) => {
                     let sq = b.ins().fmul(x[0], x[0]);
                     b.ins().fmul(sq, x[0])
                 }
@@ -641,13 +719,50 @@ impl Emitter<'_> {
     }
 }
 
+/// Shared parts of sigmoid and softplus within one body, by argument: z = e^-|x|, u = 1 + z
+/// and 1/u, so that all four of sigmoid(±x), softplus(±x) cost one exp, one division and
+/// one log.
+#[derive(Default)]
+struct Logistic {
+    parts: HashMap<Value, (Value, Value, Value)>,
+    sigmoids: HashMap<Value, (Value, Value)>,
+    log1p: HashMap<Value, Value>,
+}
+
+impl Logistic {
+    fn parts(&mut self, m: Math, b: &mut FunctionBuilder, x: Value) -> (Value, Value, Value) {
+        *self.parts.entry(x).or_insert_with(|| {
+            let z = m.exp_neg_abs(b, x);
+            let (u, r) = m.one_plus_recip(b, z);
+            (z, u, r)
+        })
+    }
+    /// (sigmoid(x), sigmoid(-x)).
+    fn sigmoids(&mut self, m: Math, b: &mut FunctionBuilder, x: Value) -> (Value, Value) {
+        if let Some(&p) = self.sigmoids.get(&x) {
+            return p;
+        }
+        let (z, _, r) = self.parts(m, b, x);
+        let p = m.sigmoid_pair(b, x, z, r);
+        self.sigmoids.insert(x, p);
+        p
+    }
+    /// log1p(e^-|x|).
+    fn log1p(&mut self, m: Math, b: &mut FunctionBuilder, x: Value) -> Value {
+        if let Some(&l) = self.log1p.get(&x) {
+            return l;
+        }
+        let (z, u, r) = self.parts(m, b, x);
+        let l = m.log1p_exp_neg_abs(b, z, u, r);
+        self.log1p.insert(x, l);
+        l
+    }
+}
+
 /// Four lanes from `row` at `at`.
 fn load(b: &mut FunctionBuilder, row: Value, at: At) -> Value {
     match at {
-        At::Vector(off) => {
-            let p = b.ins().iadd(row, off);
-            b.ins().load(F32X4, data(), p, 0)
-        }
+        At::Vector => b.ins().load(F32X4, data(), row, 0),
         At::Lanes(offs) => {
             let p = b.ins().iadd(row, offs[0]);
             let x = b.ins().load(F32, data(), p, 0);
