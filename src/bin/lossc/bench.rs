@@ -11,7 +11,7 @@
 //! not timed. `--compile` instead times compiling every stdlib loss.
 
 mod compile;
-mod probe;
+pub mod probe;
 mod report;
 
 use std::time::{Duration, Instant};
