@@ -29,7 +29,8 @@ pub struct Args {
     pub losses: Vec<String>,
     /// Sizes, comma-separated: element counts (64K, 16M; K = 1024) or shapes BxCxS.
     /// A count N is [1, 1, N], or [4, 5, N/20] for a multiclass loss (one with softmax
-    /// over classes or per-class statistics) [default: 16M; dice_multiclass 4x5x262144].
+    /// over classes or per-class statistics) [default: 16M; dice_multiclass 4x5x262144,
+    /// also when named alone].
     #[arg(long, value_delimiter = ',')]
     pub sizes: Vec<String>,
     /// Thread counts, comma-separated; each runs in its own rayon pool [default: 1 and all cores].
@@ -134,12 +135,17 @@ pub fn run(args: &Args) -> Result<(), String> {
     }
     let threads = thread_counts(&args.threads)?;
     let sizes = args.sizes.iter().map(|s| parse_size(s)).collect::<Result<Vec<_>, _>>()?;
-    let jobs: Vec<(String, Vec<Size>)> = if args.losses.is_empty() {
-        SUITE.iter().map(|(n, s)| (n.to_string(), if sizes.is_empty() { vec![*s] } else { sizes.clone() })).collect()
-    } else {
-        let sizes = if sizes.is_empty() { vec![Size::Count(16 << 20)] } else { sizes };
-        args.losses.iter().map(|l| (l.clone(), sizes.clone())).collect()
-    };
+    let names: Vec<String> =
+        if args.losses.is_empty() { SUITE.iter().map(|(n, _)| n.to_string()).collect() } else { args.losses.clone() };
+    // Without --sizes, a suite loss runs at its suite size, anything else at 16M.
+    let jobs: Vec<(String, Vec<Size>)> = names
+        .into_iter()
+        .map(|name| {
+            let default = SUITE.iter().find(|(n, _)| *n == name).map_or(Size::Count(16 << 20), |(_, s)| *s);
+            let sizes = if sizes.is_empty() { vec![default] } else { sizes.clone() };
+            (name, sizes)
+        })
+        .collect();
     let mut out = Output::new(args);
     let mut failed = 0;
     for (source, sizes) in &jobs {
