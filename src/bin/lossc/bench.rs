@@ -121,9 +121,14 @@ pub fn inputs(loss: &Loss, ext: [usize; 3], seed: u64) -> Vec<([usize; 3], Vec<f
         .collect()
 }
 
+/// The median in milliseconds (the mean of the middle two for an even count); NaN if empty.
 pub fn median(times: &mut [Duration]) -> f64 {
     times.sort();
-    times.get(times.len() / 2).map_or(f64::NAN, |d| d.as_secs_f64() * 1e3)
+    let n = times.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    (times[(n - 1) / 2] + times[n / 2]).as_secs_f64() / 2.0 * 1e3
 }
 
 pub fn run(args: &Args) -> Result<(), String> {
@@ -403,5 +408,13 @@ mod tests {
         assert_eq!(shape(&dice, Size::Count(1 << 20)), [1, 1, 1 << 20]);
         assert_eq!(shape(&multi, Size::Count(20 << 10)), [4, 5, 1 << 10]);
         assert_eq!(shape(&multi, Size::Shape([2, 3, 4])), [2, 3, 4]);
+    }
+
+    #[test]
+    fn medians() {
+        let ms = |v: &[u64]| median(&mut v.iter().map(|&m| Duration::from_millis(m)).collect::<Vec<_>>());
+        assert_eq!(ms(&[5, 1, 3]), 3.0);
+        assert_eq!(ms(&[4, 2]), 3.0);
+        assert!(ms(&[]).is_nan());
     }
 }
