@@ -1,10 +1,17 @@
 //! `lossc demo`: train a small per-pixel model on synthetic segmentation data
-//! with any loss written as text, and report the loss curve and held-out IoU.
+//! with any loss written as text, and report the loss curve, the held-out IoU
+//! and the throughput of the loss kernels.
+//!
+//! Each step evaluates the loss and its gradient with the native float32 runtime
+//! (`Loss::evaluate`) into buffers allocated once, as a training loop should.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use indicatif::{ProgressBar, ProgressStyle};
 use lossc::synth::Rng;
-use lossc::{Loss, Tensor};
+use lossc::{Backend, Error, Loss, View};
+
+use crate::bench::probe;
 
 /// Side of the square images.
 const SIDE: usize = 32;
@@ -56,28 +63,29 @@ fn synthetic_image(rng: &mut Rng) -> Image {
     Image { features, mask }
 }
 
-/// Logits of a batch of images under weights `w`, as a `[batch, 1, pixels]` tensor.
-fn logits(images: &[&Image], w: &[f64; FEATURES]) -> Tensor {
-    let data = images
-        .iter()
-        .flat_map(|im| im.features.iter().map(|f| f.iter().zip(w).map(|(a, b)| a * b).sum::<f64>()))
-        .collect();
-    Tensor::new([images.len(), 1, SIDE * SIDE], data)
+/// Writes the logits of `images` under weights `w` into `out` (`[batch, 1, pixels]`).
+fn logits(images: &[&Image], w: &[f64; FEATURES], out: &mut [f32]) {
+    let pixels = images.iter().flat_map(|im| &im.features);
+    for (o, f) in out.iter_mut().zip(pixels) {
+        *o = f.iter().zip(w).map(|(a, b)| a * b).sum::<f64>() as f32;
+    }
 }
 
-fn masks(images: &[&Image]) -> Tensor {
-    Tensor::new([images.len(), 1, SIDE * SIDE], images.iter().flat_map(|im| im.mask.iter().copied()).collect())
+fn masks(images: &[&Image], out: &mut [f32]) {
+    for (o, m) in out.iter_mut().zip(images.iter().flat_map(|im| &im.mask)) {
+        *o = *m as f32;
+    }
 }
 
 /// Intersection over union of `logits > 0` against the masks.
 fn iou(images: &[&Image], w: &[f64; FEATURES]) -> f64 {
-    let x = logits(images, w);
-    let y = masks(images);
     let (mut inter, mut union) = (0.0, 0.0);
-    for (p, t) in x.data.iter().zip(&y.data) {
-        let p = f64::from(u8::from(*p > 0.0));
-        inter += p * t;
-        union += p.max(*t);
+    for im in images {
+        for (f, t) in im.features.iter().zip(&im.mask) {
+            let p = f64::from(u8::from(f.iter().zip(w).map(|(a, b)| a * b).sum::<f64>() > 0.0));
+            inter += p * t;
+            union += p.max(*t);
+        }
     }
     inter / union.max(1.0)
 }
@@ -88,71 +96,155 @@ pub struct Settings {
     pub seed: u64,
 }
 
+/// Adam on the linear model's weights.
+struct Adam {
+    m: [f64; FEATURES],
+    v: [f64; FEATURES],
+    step: i32,
+}
+
+impl Adam {
+    const LR: f64 = 0.05;
+    const B1: f64 = 0.9;
+    const B2: f64 = 0.999;
+
+    fn update(&mut self, w: &mut [f64; FEATURES], g: &[f64; FEATURES]) {
+        self.step += 1;
+        for k in 0..FEATURES {
+            self.m[k] = Self::B1 * self.m[k] + (1.0 - Self::B1) * g[k];
+            self.v[k] = Self::B2 * self.v[k] + (1.0 - Self::B2) * g[k] * g[k];
+            let mh = self.m[k] / (1.0 - Self::B1.powi(self.step));
+            let vh = self.v[k] / (1.0 - Self::B2.powi(self.step));
+            w[k] -= Self::LR * mh / (vh.sqrt() + 1e-8);
+        }
+    }
+}
+
+/// The loss with its input order, and the runtime that evaluates it.
+struct Objective {
+    loss: Loss,
+    /// Positions of `x` and `y` among the loss's inputs.
+    xi: usize,
+    yi: usize,
+    backend: Backend,
+}
+
+impl Objective {
+    fn new(text: &str) -> Result<Objective, String> {
+        let loss = Loss::compile(text, "").map_err(|e| e.render())?;
+        let names: Vec<&str> = loss.inputs().iter().map(|i| i.name.as_str()).collect();
+        let (Some(xi), Some(yi)) = (names.iter().position(|n| *n == "x"), names.iter().position(|n| *n == "y")) else {
+            return Err(format!(
+                "error: the demo feeds logits `x` and masks `y`; this loss takes {}\n",
+                names.join(", ")
+            ));
+        };
+        if names.len() != 2 {
+            return Err(format!("error: the demo feeds only `x` and `y`; this loss takes {}\n", names.join(", ")));
+        }
+        Ok(Objective { loss, xi, yi, backend: Backend::Jit })
+    }
+
+    /// The loss value; d loss / d x goes into `dx`. A loss the native runtime cannot run
+    /// yet moves the demo to the f64 reference evaluator, once, with a note.
+    fn evaluate(&mut self, x: &[f32], y: &[f32], dx: &mut [f32], shape: [usize; 3]) -> Result<f64, String> {
+        let mut views = [View::new(shape, x), View::new(shape, y)];
+        let mut slots: [Option<&mut [f32]>; 2] = [Some(dx), None];
+        if self.xi > self.yi {
+            views.swap(0, 1);
+            slots.swap(0, 1);
+        }
+        match self.loss.evaluate_on(self.backend, &views, &mut slots) {
+            Err(Error::Unsupported(why)) if self.backend == Backend::Jit => {
+                println!(
+                    "note: the native runtime cannot run this loss yet ({why}); using the f64 reference evaluator"
+                );
+                self.backend = Backend::Interp;
+                self.loss.evaluate_on(self.backend, &views, &mut slots).map_err(|e| e.render())
+            }
+            other => other.map_err(|e| e.render()),
+        }
+    }
+}
+
 /// Trains with Adam and prints the loss curve, the held-out IoU and the throughput.
 pub fn train(settings: &Settings) -> Result<(), String> {
-    let loss = Loss::compile(&settings.loss, "").map_err(|e| e.render())?;
-    let names: Vec<&str> = loss.inputs().iter().map(|i| i.name.as_str()).collect();
-    let (Some(xi), Some(yi)) = (names.iter().position(|n| *n == "x"), names.iter().position(|n| *n == "y")) else {
-        return Err(format!("error: the demo feeds logits `x` and masks `y`; this loss takes {}\n", names.join(", ")));
-    };
-    if names.len() != 2 {
-        return Err(format!("error: the demo feeds only `x` and `y`; this loss takes {}\n", names.join(", ")));
-    }
+    let mut objective = Objective::new(&settings.loss)?;
     let mut rng = Rng::new(settings.seed);
     let train: Vec<Image> = (0..64).map(|_| synthetic_image(&mut rng)).collect();
     let held_out: Vec<Image> = (0..16).map(|_| synthetic_image(&mut rng)).collect();
     let held: Vec<&Image> = held_out.iter().collect();
     let batch = 8;
+    let shape = [batch, 1, SIDE * SIDE];
     println!(
         "training a per-pixel logistic model on {} synthetic {SIDE}x{SIDE} images (batch {batch}) with\n  {}\n",
         train.len(),
         settings.loss
     );
     let mut w = [0.0f64; FEATURES];
-    let (mut m, mut v) = ([0.0f64; FEATURES], [0.0f64; FEATURES]);
-    let (lr, b1, b2) = (0.05, 0.9, 0.999);
+    let mut adam = Adam { m: [0.0; FEATURES], v: [0.0; FEATURES], step: 0 };
     println!("held-out IoU before training: {:.3}", iou(&held, &w));
-    let mut kernel_seconds = 0.0;
-    let mut elements = 0usize;
-    let mut curve = Vec::new();
+    println!("loss curve (mean of the last 10 steps; the bar is the loss relative to the first line):");
+    // Reused every step: a fresh gradient buffer per call would time page faults.
+    let n = batch * SIDE * SIDE;
+    let (mut x, mut y, mut dx) = (vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n]);
+    // Drawn on stderr, and only when it is a terminal: piped output stays plain lines.
+    let bar = ProgressBar::new(settings.steps as u64).with_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} steps, {per_sec}, loss {msg}")
+            .expect("invariant: a valid template"),
+    );
+    let (mut kernel, mut curve, mut first) = (Duration::ZERO, Vec::new(), None);
+    let started = Instant::now();
     for step in 1..=settings.steps {
         let images: Vec<&Image> = (0..batch).map(|_| &train[rng.below(train.len())]).collect();
-        let x = logits(&images, &w);
-        let y = masks(&images);
-        let mut inputs = vec![&x, &y];
-        if xi > yi {
-            inputs.swap(0, 1);
-        }
+        logits(&images, &w, &mut x);
+        masks(&images, &mut y);
         let start = Instant::now();
-        let (value, grads) = loss.eval_grad(&inputs).map_err(|e| e.render())?;
-        kernel_seconds += start.elapsed().as_secs_f64();
-        elements += x.len();
+        let value = objective.evaluate(&x, &y, &mut dx, shape)?;
+        kernel += start.elapsed();
         // Chain rule through the linear model: dL/dw_k = sum_pixels dL/dx * feature_k.
-        let dx = &grads[xi].data;
         let mut g = [0.0f64; FEATURES];
-        for (k, gk) in g.iter_mut().enumerate() {
-            *gk = images.iter().flat_map(|im| im.features.iter()).zip(dx).map(|(f, d)| f[k] * d).sum::<f64>();
+        for (f, d) in images.iter().flat_map(|im| im.features.iter()).zip(&dx) {
+            for (gk, fk) in g.iter_mut().zip(f) {
+                *gk += fk * f64::from(*d);
+            }
         }
-        for k in 0..FEATURES {
-            m[k] = b1 * m[k] + (1.0 - b1) * g[k];
-            v[k] = b2 * v[k] + (1.0 - b2) * g[k] * g[k];
-            let (mh, vh) = (m[k] / (1.0 - b1.powi(step as i32)), v[k] / (1.0 - b2.powi(step as i32)));
-            w[k] -= lr * mh / (vh.sqrt() + 1e-8);
-        }
+        adam.update(&mut w, &g);
         curve.push(value);
+        bar.set_message(format!("{value:.4}"));
+        bar.inc(1);
         if step % (settings.steps / 10).max(1) == 0 || step == settings.steps {
             let recent = &curve[curve.len().saturating_sub(10)..];
             let avg = recent.iter().sum::<f64>() / recent.len() as f64;
-            let bar = "#".repeat(step * 30 / settings.steps);
-            println!("step {step:>4}/{} [{bar:<30}] loss {avg:.4}", settings.steps);
+            let scale = *first.get_or_insert(avg);
+            let len = if scale > 0.0 { (30.0 * avg / scale).round().clamp(0.0, 30.0) as usize } else { 0 };
+            bar.suspend(|| println!("step {step:>4}/{} [{:<30}] loss {avg:.4}", settings.steps, "#".repeat(len)));
         }
     }
-    let final_iou = iou(&held, &w);
-    println!("held-out IoU after training:  {final_iou:.3}");
-    println!(
-        "loss + gradient: {:.1} M elements/s (f64 reference evaluator, {} evaluations)",
-        elements as f64 / kernel_seconds.max(1e-9) / 1e6,
-        settings.steps
-    );
+    bar.finish_and_clear();
+    let wall = started.elapsed().as_secs_f64();
+    println!("held-out IoU after training:  {:.3}", iou(&held, &w));
+    report_throughput(&objective, settings.steps, shape, kernel, wall);
     Ok(())
+}
+
+/// Elements and plan bytes per second of the loss evaluations alone.
+fn report_throughput(objective: &Objective, steps: usize, shape: [usize; 3], kernel: Duration, wall: f64) {
+    let elements = (steps * shape.iter().product::<usize>()) as f64;
+    let bytes = steps * probe::bytes(&probe::traffic(&objective.loss), &[shape.iter().product(); 2]);
+    let seconds = kernel.as_secs_f64().max(1e-9);
+    let engine = match objective.backend {
+        Backend::Jit => "native float32 runtime",
+        Backend::Interp => "f64 reference evaluator",
+    };
+    println!(
+        "loss + gradient: {:.1} M elements/s, {:.2} GB/s of plan traffic ({engine}, {steps} calls of {}x{}x{}, \
+         {:.0}% of the {wall:.2} s run)",
+        elements / seconds / 1e6,
+        bytes as f64 / seconds / 1e9,
+        shape[0],
+        shape[1],
+        shape[2],
+        100.0 * seconds / wall.max(1e-9),
+    );
 }
