@@ -106,6 +106,43 @@ fn availability(g: &Graph, order: &[NodeId], kind: &HashMap<NodeId, Kind>) -> Ha
     avail
 }
 
+/// Runs each scatter in the stage just before its first reader rather than as early as
+/// possible, so that scatters along one sort share one pass (and one interleaved
+/// buffer): a scatter is a random write per element, the costliest thing here.
+fn postpone_scatters(
+    g: &Graph,
+    order: &[NodeId],
+    kind: &HashMap<NodeId, Kind>,
+    roots: &[NodeId],
+    avail: &mut HashMap<NodeId, usize>,
+) {
+    let mut first_read: HashMap<NodeId, usize> = HashMap::new();
+    let mut note = |args: &[NodeId], stage: usize| {
+        for id in frontier(g, kind, args) {
+            let e = first_read.entry(id).or_insert(usize::MAX);
+            *e = (*e).min(stage);
+        }
+    };
+    for &id in order {
+        if kind[&id].is_pass() {
+            note(&g.node(id).args, avail[&id] - 1);
+        }
+    }
+    // Gradients are written in the last stage (see `evaluate`).
+    let last = order.iter().map(|id| avail[id]).max().unwrap_or(0);
+    for &r in &roots[1..] {
+        note(&[r], last);
+    }
+    for &id in order {
+        if kind[&id] == Kind::Scatter {
+            if let Some(&first) = first_read.get(&id).filter(|&&s| s != usize::MAX) {
+                let a = avail.get_mut(&id).expect("invariant: every node has a stage");
+                *a = (*a).max(first);
+            }
+        }
+    }
+}
+
 /// The stored values a consumer of `args` reads (through fused nodes), and for
 /// gathers and scatters the permutation.
 fn frontier(g: &Graph, kind: &HashMap<NodeId, Kind>, args: &[NodeId]) -> HashSet<NodeId> {
@@ -137,7 +174,8 @@ pub fn evaluate(loss: &Loss, inputs: &[View], ext: [usize; 3], grads: &mut [Opti
     roots.extend(wanted.iter().filter_map(|(_, n)| *n));
     let order = g.reachable(&roots);
     let kind = classify(g, &order, ext);
-    let avail = availability(g, &order, &kind);
+    let mut avail = availability(g, &order, &kind);
+    postpone_scatters(g, &order, &kind, &roots, &mut avail);
     let stages = order.iter().map(|id| avail[id]).max().unwrap_or(0);
 
     // When each stored value is last read, so that its buffer goes back to the pool.
@@ -154,7 +192,7 @@ pub fn evaluate(loss: &Loss, inputs: &[View], ext: [usize; 3], grads: &mut [Opti
         }
     }
     for &r in &roots[1..] {
-        note(&[r], avail[&r]);
+        note(&[r], stages);
     }
 
     // The interpreter's inputs: small ones as f64 tensors; it never reads the others.
@@ -190,7 +228,8 @@ pub fn evaluate(loss: &Loss, inputs: &[View], ext: [usize; 3], grads: &mut [Opti
             order.iter().copied().filter(|id| kind[id].is_pass() && avail[id] == stage + 1).collect();
         run_stage(&cx, &mut store, &here);
         for &(i, node) in &wanted {
-            if let Some(n) = node.filter(|n| avail[n] == stage && kind[n] != Kind::Small) {
+            // Every gradient in the last stage, so that their scatters share one pass.
+            if let Some(n) = node.filter(|n| stage == stages && kind[n] != Kind::Small) {
                 let out = grads[i].as_deref_mut().expect("invariant: wanted buffers are present");
                 passes::write(&cx, &store, n, loss.inputs()[i].axes, inputs[i].shape, out);
             }

@@ -12,7 +12,7 @@ use crate::tensor::{Tensor, View};
 use super::layout::{Layout, Segment};
 use super::pool::{self, Pooled};
 use super::radix::{self, Entry, Wide};
-use super::vm::{At, Column, Loc, Program, Read, Sources, CHUNK};
+use super::vm::{At, Column, Loc, Program, Read, Scattered, Sources, CHUNK};
 use super::Kind;
 
 /// What every pass needs to know about the call.
@@ -74,7 +74,7 @@ pub struct Sorted {
 pub struct Store {
     pub tensors: HashMap<NodeId, Tensor>,
     pub columns: HashMap<NodeId, Column>,
-    pub scattered: HashMap<NodeId, Vec<AtomicU64>>,
+    pub scattered: HashMap<NodeId, Scattered>,
     pub sorts: HashMap<NodeId, Sorted>,
 }
 
@@ -95,7 +95,10 @@ impl Store {
             pool::give(c.data);
         }
         if let Some(s) = self.scattered.remove(&id) {
-            pool::give(s);
+            // The last scatter sharing the buffer gives it back.
+            if let Ok(buf) = std::sync::Arc::try_unwrap(s.buf) {
+                pool::give(buf);
+            }
         }
         if let Some(s) = self.sorts.get_mut(&id) {
             match std::mem::replace(&mut s.perm, Perm::Released) {
@@ -135,15 +138,6 @@ fn transpose<T>(cols: Vec<Vec<T>>, n: usize) -> Vec<Vec<T>> {
         }
     }
     out
-}
-
-/// Copies a slot (one value per position, or one that broadcasts) into `out`.
-fn fill(out: &mut [f64], v: &[f64]) {
-    if v.len() == 1 {
-        out.fill(v[0]);
-    } else {
-        out.copy_from_slice(v);
-    }
 }
 
 fn at(v: &[f64], k: usize) -> f64 {
@@ -200,25 +194,46 @@ fn sort_entries<E: Entry + Pooled>(
     entries
 }
 
-/// Gathers element-order values into the sort's order (one column per node).
+/// Gathers element-order values into the sort's order (one column per node). The
+/// values are first computed in element order into one interleaved row per element,
+/// so the gather reads one cache line per position however many values it moves.
 pub fn gather(cx: &Cx, store: &Store, sort: NodeId, nodes: &[NodeId]) -> Vec<Column> {
     let sorted = &store.sorts[&sort];
     let layout = &sorted.layout;
+    let n = layout.len();
+    let p = nodes.len();
     let args: Vec<NodeId> = nodes.iter().map(|&id| cx.g.node(id).args[1]).collect();
     let prog = cx.program(&args);
     let src = store.sources(cx);
-    let mut cols: Vec<Vec<f64>> = nodes.iter().map(|_| pool::take::<f64>(layout.len())).collect();
-    let pieces: Vec<Vec<&mut [f64]>> = cols.iter_mut().map(|c| split(c, &layout.segments)).collect();
-    transpose(pieces, layout.segments.len()).into_par_iter().zip(layout.segments.par_iter().enumerate()).for_each_init(
-        || (prog.slots(), Vec::new()),
-        |(slots, idx), (outs, (si, seg))| {
-            sorted.perm.indices(seg.q0, seg.len, idx);
-            prog.run(&src, &At { elements: Loc::List(idx), q0: seg.q0, len: seg.len, segment: si }, slots);
-            for (out, &o) in outs.into_iter().zip(&prog.outputs) {
-                fill(out, &slots[o]);
+    let mut rows = pool::take::<f64>(n * p);
+    rows.par_chunks_mut(CHUNK * p).enumerate().for_each_init(
+        || prog.slots(),
+        |slots, (k, out)| {
+            let len = out.len() / p;
+            prog.run(&src, &At { elements: Loc::Range { start: k * CHUNK, len }, q0: 0, len, segment: 0 }, slots);
+            for (j, &o) in prog.outputs.iter().enumerate() {
+                let v = &slots[o];
+                for (e, row) in out.chunks_exact_mut(p).enumerate() {
+                    row[j] = at(v, e);
+                }
             }
         },
     );
+    let mut cols: Vec<Vec<f64>> = nodes.iter().map(|_| pool::take::<f64>(n)).collect();
+    let pieces: Vec<Vec<&mut [f64]>> = cols.iter_mut().map(|c| split(c, &layout.segments)).collect();
+    transpose(pieces, layout.segments.len()).into_par_iter().zip(layout.segments.par_iter()).for_each_init(
+        Vec::new,
+        |idx, (mut outs, seg)| {
+            sorted.perm.indices(seg.q0, seg.len, idx);
+            for (k, &i) in idx.iter().enumerate() {
+                let row = &rows[i * p..(i + 1) * p];
+                for (out, v) in outs.iter_mut().zip(row) {
+                    out[k] = *v;
+                }
+            }
+        },
+    );
+    pool::give(rows);
     cols.into_iter().map(|data| Column { data, carry: None }).collect()
 }
 
@@ -244,8 +259,8 @@ pub fn along(cx: &Cx, store: &mut Store, sort: NodeId, nodes: &[NodeId]) {
     let n = layout.len();
     let is_scan = |op: &Op| matches!(op, Op::Cumsum | Op::RevCumsum | Op::Prev(_) | Op::Next);
     let mut cols: Vec<Vec<f64>> = ops.iter().filter(|op| is_scan(op)).map(|_| pool::take::<f64>(n)).collect();
-    let scattered: Vec<Vec<AtomicU64>> =
-        ops.iter().filter(|op| **op == Op::Scatter).map(|_| pool::take::<AtomicU64>(n)).collect();
+    let stride = ops.iter().filter(|op| **op == Op::Scatter).count();
+    let scattered: Vec<AtomicU64> = if stride > 0 { pool::take(n * stride) } else { Vec::new() };
     let src = store.sources(cx);
     let pieces: Vec<Vec<&mut [f64]>> = cols.iter_mut().map(|c| split(c, segments)).collect();
     // Per segment: a scan's total or edge value, a sum's partial (0 for scatters).
@@ -258,6 +273,7 @@ pub fn along(cx: &Cx, store: &mut Store, sort: NodeId, nodes: &[NodeId]) {
                 let point = [layout.point(seg.group)];
                 prog.run(&src, &At { elements: Loc::List(&point), q0: seg.q0, len: seg.len, segment: si }, slots);
                 let (mut col, mut sc) = (0, 0);
+                let mut idx = Vec::new();
                 let mut extra = Vec::with_capacity(ops.len());
                 for (op, &o) in ops.iter().zip(&prog.outputs) {
                     let v = &slots[o];
@@ -269,12 +285,13 @@ pub fn along(cx: &Cx, store: &mut Store, sort: NodeId, nodes: &[NodeId]) {
                             scan_segment(*op, v, out)
                         }
                         Op::Scatter => {
-                            let dst = &scattered[sc];
+                            let offset = sc;
                             sc += 1;
-                            let mut idx = Vec::with_capacity(len);
-                            sorted.perm.indices(seg.q0, len, &mut idx);
+                            if offset == 0 {
+                                sorted.perm.indices(seg.q0, len, &mut idx);
+                            }
                             for (k, &i) in idx.iter().enumerate() {
-                                dst[i].store(at(v, k).to_bits(), Ordering::Relaxed);
+                                scattered[i * stride + offset].store(at(v, k).to_bits(), Ordering::Relaxed);
                             }
                             0.0
                         }
@@ -286,7 +303,8 @@ pub fn along(cx: &Cx, store: &mut Store, sort: NodeId, nodes: &[NodeId]) {
         )
         .collect();
     // Fix-ups in segment order: scan carries, segment edges, per-group sums.
-    let (mut col, mut sc) = (cols.into_iter(), scattered.into_iter());
+    let mut col = cols.into_iter();
+    let (buf, mut offset) = (std::sync::Arc::new(scattered), 0);
     for (j, (&id, op)) in nodes.iter().zip(&ops).enumerate() {
         let first = |si: usize| segments[si].q0 == segments[si].group * layout.size;
         let last = |si: usize| si + 1 == segments.len() || first(si + 1);
@@ -322,7 +340,8 @@ pub fn along(cx: &Cx, store: &mut Store, sort: NodeId, nodes: &[NodeId]) {
                 store.columns.insert(id, Column { data, carry: None });
             }
             Op::Scatter => {
-                store.scattered.insert(id, sc.next().expect("invariant: one buffer per scatter"));
+                store.scattered.insert(id, Scattered { buf: buf.clone(), stride, offset });
+                offset += 1;
             }
             _ => {
                 let shape = shape_of(g, id, cx.ext);

@@ -40,13 +40,21 @@ pub struct Column {
     pub carry: Option<Vec<f64>>,
 }
 
+/// Scatter results, several interleaved in one buffer (value `offset` of each row of
+/// `stride`), so that a scatter pass writes one cache line per element, not several.
+pub struct Scattered {
+    pub buf: std::sync::Arc<Vec<AtomicU64>>,
+    pub stride: usize,
+    pub offset: usize,
+}
+
 /// Everything a program can read.
 pub struct Sources<'a> {
     pub ext: [usize; 3],
     pub inputs: &'a [View<'a>],
     pub tensors: &'a HashMap<NodeId, Tensor>,
     pub columns: &'a HashMap<NodeId, Column>,
-    pub scattered: &'a HashMap<NodeId, Vec<AtomicU64>>,
+    pub scattered: &'a HashMap<NodeId, Scattered>,
 }
 
 /// Element positions (flat `[batch, class, spatial]` indices into the broadcast shape).
@@ -203,8 +211,9 @@ fn read(src: &Sources, r: Read, at: &At, out: &mut Vec<f64>) {
             read_elements(t.shape, ext, &at.elements, out, |o| t.data[o]);
         }
         Read::Scattered(id) => {
-            let a = &src.scattered[&id];
-            read_elements(ext, ext, &at.elements, out, |o| f64::from_bits(a[o].load(Ordering::Relaxed)));
+            let Scattered { buf, stride, offset } = &src.scattered[&id];
+            let get = |o: usize| f64::from_bits(buf[o * stride + offset].load(Ordering::Relaxed));
+            read_elements(ext, ext, &at.elements, out, get);
         }
         Read::ClassIndex => read_elements([1, ext[1], 1], ext, &at.elements, out, |o| o as f64),
         Read::Column(id) => {
