@@ -198,7 +198,8 @@ pub fn compile(g: &Graph, specs: &[SweepSpec], shape: &Shape) -> Result<Kernels,
 /// positions, or four byte offsets (the remainder, clamped to the block).
 #[derive(Clone, Copy)]
 enum At {
-    Vector,
+    /// Four positions from this byte offset past the rows' current addresses.
+    Vector(i32),
     Lanes([Value; 4]),
 }
 
@@ -233,8 +234,12 @@ struct Emitter<'a> {
     hoisted: HashMap<(NodeId, usize), Value>,
 }
 
-/// Positions between moves of the f32 sums into the f64 ones (a power of two).
+/// Positions between moves of the f32 sums into the f64 ones (a multiple of 4 UNROLL).
 const FLUSH: i64 = 64;
+
+/// Groups of four positions per step of the inner loop, computed side by side so that
+/// their dependency chains (exp, division, log) overlap.
+const UNROLL: usize = 2;
 
 /// Byte offsets of the `Args` fields.
 const ARG_INPUTS: i32 = 0;
@@ -379,19 +384,20 @@ impl Emitter<'_> {
                 b.def_var(var, zero);
             }
         };
-        let advance = |b: &mut FunctionBuilder, rows: &HashMap<(usize, usize), Row>, write_rows: &[Vec<Row>]| {
-            for row in rows.values().chain(write_rows.iter().flatten()) {
-                if let Row::Moving(var) = *row {
-                    let p = b.use_var(var);
-                    let p = b.ins().iadd_imm_s(p, 16);
-                    b.def_var(var, p);
+        let advance =
+            |b: &mut FunctionBuilder, rows: &HashMap<(usize, usize), Row>, write_rows: &[Vec<Row>], groups: usize| {
+                for row in rows.values().chain(write_rows.iter().flatten()) {
+                    if let Row::Moving(var) = *row {
+                        let p = b.use_var(var);
+                        let p = b.ins().iadd_imm_s(p, 16 * groups as i64);
+                        b.def_var(var, p);
+                    }
                 }
-            }
-            let iv = b.use_var(i);
-            let next = b.ins().iadd_imm_s(iv, 4);
-            b.def_var(i, next);
-            next
-        };
+                let iv = b.use_var(i);
+                let next = b.ins().iadd_imm_s(iv, 4 * groups as i64);
+                b.def_var(i, next);
+                next
+            };
         b.ins().jump(outer, &[]);
 
         // Runs of FLUSH positions, four at a time, summed in f32, then moved into f64.
@@ -403,10 +409,13 @@ impl Emitter<'_> {
 
         b.switch_to_block(inner);
         let here = self.positions(b, &rows, &write_rows);
-        let values = self.body(b, &body, &here.0, At::Vector)?;
+        let ats: Vec<At> = (0..UNROLL).map(|u| At::Vector(16 * u as i32)).collect();
+        let values = self.body(b, &body, &here.0, &ats)?;
         self.accumulate(b, &values, &narrow, None);
-        self.store(b, &values, &here.1, At::Vector);
-        let next = advance(b, &rows, &write_rows);
+        for (v, &at) in values.iter().zip(&ats) {
+            self.store(b, v, &here.1, at);
+        }
+        let next = advance(b, &rows, &write_rows, UNROLL);
         let more = b.ins().icmp(IntCC::SignedLessThan, next, stop);
         b.ins().brif(more, inner, &[], flush_block, &[]);
 
@@ -432,7 +441,7 @@ impl Emitter<'_> {
             b.ins().ishl_imm_u(p, 2)
         });
         let here = self.positions(b, &rows, &write_rows);
-        let values = self.body(b, &body, &here.0, At::Lanes(offs))?;
+        let values = self.body(b, &body, &here.0, &[At::Lanes(offs)])?;
         let left = b.ins().ireduce(I32, left);
         let left = b.ins().splat(I32X4, left);
         let lane_bytes: Vec<u8> = (0u32..4).flat_map(|k| k.to_le_bytes()).collect();
@@ -440,8 +449,8 @@ impl Emitter<'_> {
         let lane_ids = b.ins().vconst(I32X4, lane_ids);
         let live = b.ins().icmp(IntCC::SignedLessThan, lane_ids, left);
         self.accumulate(b, &values, &narrow, Some((live, zero)));
-        self.store(b, &values, &here.1, At::Lanes(offs));
-        advance(b, &rows, &write_rows);
+        self.store(b, &values[0], &here.1, At::Lanes(offs));
+        advance(b, &rows, &write_rows, 1);
         b.ins().jump(check_rest, &[]);
 
         // Lanes summed in f64, in a fixed order, into the block's partials.
@@ -478,7 +487,7 @@ impl Emitter<'_> {
     fn accumulate(
         &self,
         b: &mut FunctionBuilder,
-        values: &HashMap<(NodeId, usize), Value>,
+        values: &[HashMap<(NodeId, usize), Value>],
         narrow: &[Variable],
         mask: Option<(Value, Value)>,
     ) {
@@ -486,7 +495,11 @@ impl Emitter<'_> {
         for &operand in &self.spec.sums {
             for c in 0..self.classes(operand) {
                 let var = *vars.next().expect("invariant: one accumulator per cell");
-                let mut v = self.value(values, operand, c);
+                let mut v = self.value(&values[0], operand, c);
+                for more in &values[1..] {
+                    let w = self.value(more, operand, c);
+                    v = b.ins().fadd(v, w);
+                }
                 if let Some((live, zero)) = mask {
                     v = math::select(b, live, v, zero);
                 }
@@ -525,8 +538,8 @@ impl Emitter<'_> {
                     self.value(values, w.node, r)
                 };
                 match at {
-                    At::Vector => {
-                        b.ins().store(data(), v, addr, 0);
+                    At::Vector(off) => {
+                        b.ins().store(data(), v, addr, off);
                     }
                     At::Lanes(offs) => {
                         // In lane order: clamped lanes repeat the last position's value.
@@ -547,88 +560,91 @@ impl Emitter<'_> {
         b: &mut FunctionBuilder,
         body: &[NodeId],
         rows: &HashMap<(usize, usize), (Value, bool)>,
-        at: At,
-    ) -> Result<HashMap<(NodeId, usize), Value>, String> {
+        ats: &[At],
+    ) -> Result<Vec<HashMap<(NodeId, usize), Value>>, String> {
         let g = self.g;
-        let mut values: HashMap<(NodeId, usize), Value> = HashMap::new();
+        let mut all: Vec<HashMap<(NodeId, usize), Value>> = vec![HashMap::new(); ats.len()];
         let mut logistic = Logistic::default();
+        // Node by node, each for every group of lanes: independent chains side by side.
         for &id in body {
             let node = g.node(id);
             let n = self.classes(id);
-            match node.op {
-                // sigmoid and softplus of x and of -x share e^-|x|, one division, one log1p.
-                Op::Sigmoid | Op::Softplus => {
-                    let (base, negated) = match g.node(node.args[0]).op {
-                        Op::Neg => (g.node(node.args[0]).args[0], true),
-                        _ => (node.args[0], false),
-                    };
-                    for c in 0..n {
-                        let x = self.value(&values, base, c);
-                        let v = if node.op == Op::Sigmoid {
-                            let (pos, neg) = logistic.sigmoids(self.math, b, x);
-                            if negated {
-                                neg
+            for (values, &at) in all.iter_mut().zip(ats) {
+                match node.op {
+                    // sigmoid and softplus of x and of -x share e^-|x|, one division, one log1p.
+                    Op::Sigmoid | Op::Softplus => {
+                        let (base, negated) = match g.node(node.args[0]).op {
+                            Op::Neg => (g.node(node.args[0]).args[0], true),
+                            _ => (node.args[0], false),
+                        };
+                        for c in 0..n {
+                            let x = self.value(values, base, c);
+                            let v = if node.op == Op::Sigmoid {
+                                let (pos, neg) = logistic.sigmoids(self.math, b, x);
+                                if negated {
+                                    neg
+                                } else {
+                                    pos
+                                }
                             } else {
-                                pos
-                            }
-                        } else {
-                            let l = logistic.log1p(self.math, b, x);
-                            let arg = if negated { b.ins().fneg(x) } else { x };
-                            self.math.positive_part_plus(b, arg, l)
-                        };
-                        values.insert((id, c), v);
-                    }
-                }
-                Op::Input { index, .. } => {
-                    for c in 0..n {
-                        let (row, fixed) = rows[&(index as usize, c)];
-                        let v = if fixed {
-                            let x = b.ins().load(F32, data(), row, 0);
-                            b.ins().splat(F32X4, x)
-                        } else {
-                            load(b, row, at)
-                        };
-                        values.insert((id, c), v);
-                    }
-                }
-                Op::Sum(over) if over == AxisSet::CLASS => {
-                    let a = node.args[0];
-                    let v = if self.classes(a) > 1 {
-                        let mut s = self.value(&values, a, 0);
-                        for c in 1..self.classes(a) {
-                            let x = self.value(&values, a, c);
-                            s = b.ins().fadd(s, x);
+                                let l = logistic.log1p(self.math, b, x);
+                                let arg = if negated { b.ins().fneg(x) } else { x };
+                                self.math.positive_part_plus(b, arg, l)
+                            };
+                            values.insert((id, c), v);
                         }
-                        s
-                    } else {
-                        let x = self.value(&values, a, 0);
-                        let k = math::splat(b, self.shape.classes as f32);
-                        b.ins().fmul(x, k)
-                    };
-                    values.insert((id, 0), v);
-                }
-                Op::LogSumExp(over) if over == AxisSet::CLASS => {
-                    let a = node.args[0];
-                    let v = if self.classes(a) > 1 {
-                        let xs: Vec<Value> = (0..self.classes(a)).map(|c| self.value(&values, a, c)).collect();
-                        self.log_sum_exp(b, &xs)
-                    } else {
-                        let x = self.value(&values, a, 0);
-                        let k = math::splat(b, (self.shape.classes as f32).ln());
-                        b.ins().fadd(x, k)
-                    };
-                    values.insert((id, 0), v);
-                }
-                op => {
-                    for c in 0..n {
-                        let args: Vec<Value> = node.args.iter().map(|&a| self.value(&values, a, c)).collect();
-                        let v = self.elementwise(b, op, &node.args, &args)?;
-                        values.insert((id, c), v);
+                    }
+                    Op::Input { index, .. } => {
+                        for c in 0..n {
+                            let (row, fixed) = rows[&(index as usize, c)];
+                            let v = if fixed {
+                                let x = b.ins().load(F32, data(), row, 0);
+                                b.ins().splat(F32X4, x)
+                            } else {
+                                load(b, row, at)
+                            };
+                            values.insert((id, c), v);
+                        }
+                    }
+                    Op::Sum(over) if over == AxisSet::CLASS => {
+                        let a = node.args[0];
+                        let v = if self.classes(a) > 1 {
+                            let mut s = self.value(values, a, 0);
+                            for c in 1..self.classes(a) {
+                                let x = self.value(values, a, c);
+                                s = b.ins().fadd(s, x);
+                            }
+                            s
+                        } else {
+                            let x = self.value(values, a, 0);
+                            let k = math::splat(b, self.shape.classes as f32);
+                            b.ins().fmul(x, k)
+                        };
+                        values.insert((id, 0), v);
+                    }
+                    Op::LogSumExp(over) if over == AxisSet::CLASS => {
+                        let a = node.args[0];
+                        let v = if self.classes(a) > 1 {
+                            let xs: Vec<Value> = (0..self.classes(a)).map(|c| self.value(values, a, c)).collect();
+                            self.log_sum_exp(b, &xs)
+                        } else {
+                            let x = self.value(values, a, 0);
+                            let k = math::splat(b, (self.shape.classes as f32).ln());
+                            b.ins().fadd(x, k)
+                        };
+                        values.insert((id, 0), v);
+                    }
+                    op => {
+                        for c in 0..n {
+                            let args: Vec<Value> = node.args.iter().map(|&a| self.value(values, a, c)).collect();
+                            let v = self.elementwise(b, op, &node.args, &args)?;
+                            values.insert((id, c), v);
+                        }
                     }
                 }
             }
         }
-        Ok(values)
+        Ok(all)
     }
 
     /// log(sum(exp(x))) over the vectors, shifted by their maximum; an infinite maximum
@@ -762,7 +778,7 @@ impl Logistic {
 /// Four lanes from `row` at `at`.
 fn load(b: &mut FunctionBuilder, row: Value, at: At) -> Value {
     match at {
-        At::Vector => b.ins().load(F32X4, data(), row, 0),
+        At::Vector(off) => b.ins().load(F32X4, data(), row, off),
         At::Lanes(offs) => {
             let p = b.ins().iadd(row, offs[0]);
             let x = b.ins().load(F32, data(), p, 0);
