@@ -92,6 +92,8 @@ struct Compiled {
     sweeps: Vec<Option<Sweep>>,
     level: HashMap<NodeId, usize>,
     order: Vec<NodeId>,
+    /// Per input: broadcast along positions (read in place, not padded).
+    fixed: Vec<bool>,
 }
 
 /// Compiled kernels of one loss, by key. Cloning a loss starts an empty cache.
@@ -152,7 +154,7 @@ fn compile(loss: &Loss, key: &Key) -> Result<Compiled, Error> {
     }
     let specs: Vec<SweepSpec> = sweeps.iter().flatten().map(|s| s.spec.clone()).collect();
     let kernels = sweep::compile(g, &specs, &key.shape).map_err(Error::Unsupported)?;
-    Ok(Compiled { kernels, sweeps, level, order })
+    Ok(Compiled { kernels, sweeps, level, order, fixed: key.shape.spatial_broadcast.clone() })
 }
 
 /// A pointer shared by the blocks, each of which touches only its own part.
@@ -217,8 +219,15 @@ pub fn evaluate(loss: &Loss, inputs: &[View], ext: [usize; 3], grads: &mut [Opti
     let mut known: HashMap<NodeId, Tensor> = HashMap::new();
     tail(&mut known, 0);
 
+    // Blocks of whole groups of four positions; a row's last `S % 4` positions are a block
+    // of their own, run on scratch copies padded to four.
     let blocks: Vec<Block> = (0..ext[0])
-        .flat_map(|b| (0..ext[2]).step_by(BLOCK).map(move |s0| Block { b, s0, len: BLOCK.min(ext[2] - s0) }))
+        .flat_map(|b| {
+            let whole = ext[2] / 4 * 4;
+            let full = (0..whole).step_by(BLOCK).map(move |s0| Block { b, s0, len: BLOCK.min(whole - s0) });
+            let rest = (whole < ext[2]).then_some(Block { b, s0: whole, len: ext[2] - whole });
+            full.chain(rest)
+        })
         .collect();
     let strides = |shape: [usize; 3]| -> [i64; 2] {
         let bs = if shape[0] == 1 { 0 } else { shape[1] * shape[2] };
@@ -269,26 +278,36 @@ pub fn evaluate(loss: &Loss, inputs: &[View], ext: [usize; 3], grads: &mut [Opti
             partials.as_mut_ptr(),
         ));
         let tails = &tails;
+        let fixed = &compiled.fixed;
         (0..blocks.len()).into_par_iter().for_each(|k| {
             let s = shared;
-            let (inputs, input_strides, grads, grad_strides, partials) = s.0;
+            let (input_ptrs, input_strides, grad_ptrs, grad_strides, partials) = s.0;
             let block = blocks[k];
-            let args = Args {
-                inputs,
-                input_strides,
-                grads: grads.cast(),
-                grad_strides,
-                tail: tails[block.b].as_ptr(),
-                // SAFETY: block k owns partials[k * per_block..(k + 1) * per_block].
-                partials: unsafe { partials.add(k * per_block) },
-                b: block.b as i64,
-                s0: block.s0 as i64,
-                len: block.len as i64,
-            };
-            // SAFETY: the kernel reads the inputs at this block's positions (in bounds: the
-            // shapes were checked), its tail row and writes its own partials and the
-            // gradients at its own positions; the buffers outlive the call.
-            unsafe { f(&args) };
+            // SAFETY: block k owns partials[k * per_block..(k + 1) * per_block].
+            let partials = unsafe { partials.add(k * per_block) };
+            let tail = tails[block.b].as_ptr();
+            if block.len.is_multiple_of(4) {
+                let args = Args {
+                    inputs: input_ptrs,
+                    input_strides,
+                    grads: grad_ptrs.cast(),
+                    grad_strides,
+                    tail,
+                    partials,
+                    b: block.b as i64,
+                    s0: block.s0 as i64,
+                    len: block.len as i64,
+                    live: 4,
+                };
+                // SAFETY: the kernel reads the inputs at this block's positions (in bounds:
+                // the shapes were checked), its tail row, and writes its own partials and the
+                // gradients at its own positions; the buffers outlive the call.
+                unsafe { f(&args) };
+            } else {
+                // SAFETY: as above; `grad_ptrs` has one pointer per write of the spec.
+                let grad_ptrs = unsafe { std::slice::from_raw_parts(grad_ptrs, spec.writes.len()) };
+                run_padded(f, block, inputs, fixed, &spec.writes, grad_ptrs, tail, partials);
+            }
         });
         let mut offset = 0;
         let sums = Sums { blocks: &blocks, partials: &partials, per_block };
@@ -329,6 +348,73 @@ pub fn evaluate(loss: &Loss, inputs: &[View], ext: [usize; 3], grads: &mut [Opti
         }
     }
     Ok(known[&loss.root()].data[0])
+}
+
+/// Runs the last `len < 4` positions of a row: inputs copied into rows of four (the last
+/// position repeated), sums masked to the live lanes, gradients copied back lane by lane.
+#[allow(clippy::too_many_arguments)]
+fn run_padded(
+    f: sweep::SweepFn,
+    block: Block,
+    inputs: &[View],
+    fixed: &[bool],
+    writes: &[Write],
+    grad_ptrs: &[*mut f32],
+    tail: *const f32,
+    partials: *mut f64,
+) {
+    let pad = |shape: [usize; 3], data: &[f32]| -> Vec<f32> {
+        let b = if shape[0] == 1 { 0 } else { block.b };
+        (0..shape[1])
+            .flat_map(|c| (0..4).map(move |k| (b, c, block.s0 + k.min(block.len - 1))))
+            .map(|(b, c, s)| data[(b * shape[1] + c) * shape[2] + s])
+            .collect()
+    };
+    let scratch: Vec<Option<Vec<f32>>> =
+        inputs.iter().zip(fixed).map(|(v, &fixed)| (!fixed).then(|| pad(v.shape, v.data))).collect();
+    let ptrs: Vec<*const f32> =
+        scratch.iter().zip(inputs).map(|(s, v)| s.as_ref().map_or(v.data.as_ptr(), |s| s.as_ptr())).collect();
+    let strides: Vec<[i64; 2]> = scratch
+        .iter()
+        .zip(inputs)
+        .map(|(s, v)| match s {
+            Some(_) => [0, if v.shape[1] == 1 { 0 } else { 4 }],
+            None => [
+                if v.shape[0] == 1 { 0 } else { (v.shape[1] * v.shape[2]) as i64 },
+                if v.shape[1] == 1 { 0 } else { v.shape[2] as i64 },
+            ],
+        })
+        .collect();
+    let mut out: Vec<Vec<f32>> = writes.iter().map(|w| vec![0.0; w.rows * 4]).collect();
+    let out_ptrs: Vec<*mut f32> = out.iter_mut().map(|o| o.as_mut_ptr()).collect();
+    let out_strides: Vec<[i64; 2]> = writes.iter().map(|_| [0, 4]).collect();
+    let args = Args {
+        inputs: ptrs.as_ptr(),
+        input_strides: strides.as_ptr(),
+        grads: out_ptrs.as_ptr(),
+        grad_strides: out_strides.as_ptr(),
+        tail,
+        partials,
+        b: block.b as i64,
+        s0: 0,
+        len: 4,
+        live: block.len as i64,
+    };
+    // SAFETY: every pointer is to a scratch row of four or (inputs fixed along positions)
+    // to the input itself, read at its batch item; the scratch outlives the call.
+    unsafe { f(&args) };
+    for ((w, o), &g) in writes.iter().zip(&out).zip(grad_ptrs) {
+        let shape = inputs[w.input].shape;
+        for c in 0..w.rows {
+            for k in 0..block.len {
+                let at = (block.b * shape[1] + c) * shape[2] + block.s0 + k;
+                // SAFETY: `at` is in the gradient buffer (shaped like the input, whose batch
+                // and spatial extents are full for written gradients), at this block's
+                // positions, which no other block writes.
+                unsafe { *g.add(at) = o[c * 4 + k] };
+            }
+        }
+    }
 }
 
 /// The blocks' partial sums.

@@ -5,22 +5,27 @@
 //! computes every value the sweep needs in registers (each value that varies over
 //! class is `C` separate vectors: the class loop is unrolled, so softmax and per-class
 //! sums are straight-line code), adds the reduction operands to `f32x4` accumulators
-//! and stores the gradients. The last `len % 4` positions run the same code on lanes
-//! loaded one by one (clamped to the last position, so no read goes past the block),
-//! with the accumulators masked and the stores done lane by lane. At the end each
+//! (masked to the live lanes) and stores the gradients. A block is a multiple of four
+//! positions; the runtime runs the last `len % 4` positions of a row as one more block,
+//! copied into scratch rows padded to four, with fewer live lanes. At the end each
 //! accumulator is summed across lanes in f64, in a fixed order, into the block's
 //! partials. Values that do not vary over positions (results of earlier sweeps, class
 //! weights) arrive as one `f32` per class in the tail slots.
 
 use std::collections::HashMap;
 
+use cranelift_codegen::control::ControlPlane;
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::types::{F32, F32X4, F64X2, I32, I32X4, I64};
 use cranelift_codegen::ir::{AbiParam, ConstantData, InstBuilder, MemFlagsData, Value};
-use cranelift_codegen::verify_function;
+use cranelift_codegen::ir::{Function, Signature};
+use cranelift_codegen::isa::{OwnedTargetIsa, TargetIsa};
+use cranelift_codegen::settings::{self, Configurable};
+use cranelift_codegen::{verify_function, Context};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
 use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{default_libcall_names, FuncId, Linkage, Module};
+use rayon::prelude::*;
 
 use super::math::{self, Math};
 use crate::ir::{AxisSet, Graph, NodeId, Op};
@@ -42,10 +47,14 @@ pub struct Args {
     pub tail: *const f32,
     /// This block's partial sums, one per reduction cell.
     pub partials: *mut f64,
-    /// The block: batch item, first spatial position, number of positions (at least 1).
+    /// The block: batch item, first spatial position, number of positions (a positive
+    /// multiple of 4).
     pub b: i64,
     pub s0: i64,
     pub len: i64,
+    /// Lanes of each group of four that count in the sums: 4, or fewer for a block of
+    /// the last positions padded to four (their gradients land in scratch lanes).
+    pub live: i64,
 }
 
 pub type SweepFn = unsafe extern "C" fn(*const Args);
@@ -145,40 +154,36 @@ pub struct Shape {
     pub spatial_broadcast: Vec<bool>,
 }
 
-/// Compiles one kernel per spec.
+/// The host's ISA, as `cranelift_native` detects it, tuned for speed.
+fn host_isa() -> Result<OwnedTargetIsa, String> {
+    let mut flags = settings::builder();
+    let set = |f: &mut settings::Builder, k: &str, v: &str| f.set(k, v).map_err(|e| format!("{k}={v}: {e}"));
+    set(&mut flags, "opt_level", "speed")?;
+    // The verifier runs in debug builds (and so in the tests), not on users' compiles.
+    set(&mut flags, "enable_verifier", if cfg!(debug_assertions) { "true" } else { "false" })?;
+    cranelift_native::builder()
+        .map_err(|e| format!("cannot target this CPU: {e}"))?
+        .finish(settings::Flags::new(flags))
+        .map_err(|e| format!("cannot target this CPU: {e}"))
+}
+
+/// Compiles one kernel per spec, the kernels in parallel (each is self-contained machine
+/// code: no calls, constants in its own buffer).
 pub fn compile(g: &Graph, specs: &[SweepSpec], shape: &Shape) -> Result<Kernels, String> {
-    let builder = JITBuilder::with_flags(
-        &[("opt_level", "speed"), ("enable_verifier", if cfg!(debug_assertions) { "true" } else { "false" })],
-        default_libcall_names(),
-    )
-    .map_err(|e| format!("cannot target this CPU: {e}"))?;
-    let mut module = JITModule::new(builder);
-    let math = Math::for_isa(module.isa());
-    let mut ctx = module.make_context();
-    let mut fctx = FunctionBuilderContext::new();
+    let isa = host_isa()?;
+    let codes: Vec<(Vec<u8>, u64)> = specs
+        .par_iter()
+        .enumerate()
+        .map(|(k, spec)| machine_code(g, spec, shape, &*isa, k))
+        .collect::<Result<_, _>>()?;
+    let mut module = JITModule::new(JITBuilder::with_isa(isa.clone(), default_libcall_names()));
+    let mut signature = Signature::new(isa.default_call_conv());
+    signature.params.push(AbiParam::new(I64));
     let mut ids: Vec<FuncId> = Vec::new();
-    for (k, spec) in specs.iter().enumerate() {
-        ctx.func.signature.params.push(AbiParam::new(I64));
-        {
-            let mut b = FunctionBuilder::new(&mut ctx.func, &mut fctx);
-            Emitter { g, spec, shape, math, hoisted: HashMap::new() }.emit(&mut b)?;
-            b.seal_all_blocks();
-            b.finalize(module.isa().frontend_config());
-        }
-        if cfg!(debug_assertions) {
-            verify_function(&ctx.func, module.isa()).map_err(|e| format!("sweep {k} does not verify: {e}"))?;
-        }
-        let id = module
-            .declare_function(&format!("sweep{k}"), Linkage::Local, &ctx.func.signature)
-            .map_err(|e| e.to_string())?;
-        // LOSSC_DISASM=1 prints each kernel's machine code (for work on the code generator).
-        let disasm = std::env::var_os("LOSSC_DISASM").is_some();
-        ctx.set_disasm(disasm);
-        module.define_function(id, &mut ctx).map_err(|e| format!("sweep {k}: {e:?}"))?;
-        if let Some(code) = ctx.compiled_code().filter(|_| disasm) {
-            eprintln!("sweep {k}:\n{}", code.vcode.as_deref().unwrap_or("(no disassembly)"));
-        }
-        module.clear_context(&mut ctx);
+    for (k, (bytes, alignment)) in codes.iter().enumerate() {
+        let id =
+            module.declare_function(&format!("sweep{k}"), Linkage::Local, &signature).map_err(|e| e.to_string())?;
+        module.define_function_bytes(id, *alignment, bytes, &[]).map_err(|e| e.to_string())?;
         ids.push(id);
     }
     module.finalize_definitions().map_err(|e| e.to_string())?;
@@ -194,14 +199,47 @@ pub fn compile(g: &Graph, specs: &[SweepSpec], shape: &Shape) -> Result<Kernels,
     Ok(Kernels { module: Some(module), sweeps })
 }
 
-/// Where a body's four lanes are, from the rows' current addresses: the next four
-/// positions, or four byte offsets (the remainder, clamped to the block).
-#[derive(Clone, Copy)]
-enum At {
-    /// Four positions from this byte offset past the rows' current addresses.
-    Vector(i32),
-    Lanes([Value; 4]),
+/// One kernel's machine code and its alignment.
+fn machine_code(
+    g: &Graph,
+    spec: &SweepSpec,
+    shape: &Shape,
+    isa: &dyn TargetIsa,
+    k: usize,
+) -> Result<(Vec<u8>, u64), String> {
+    let mut func = Function::new();
+    func.signature = Signature::new(isa.default_call_conv());
+    func.signature.params.push(AbiParam::new(I64));
+    let mut fctx = FunctionBuilderContext::new();
+    {
+        let mut b = FunctionBuilder::new(&mut func, &mut fctx);
+        Emitter { g, spec, shape, math: Math::for_isa(isa), hoisted: HashMap::new() }.emit(&mut b)?;
+        b.seal_all_blocks();
+        b.finalize(isa.frontend_config());
+    }
+    if cfg!(debug_assertions) {
+        verify_function(&func, isa).map_err(|e| format!("sweep {k} does not verify: {e}"))?;
+    }
+    let mut ctx = Context::for_function(func);
+    // LOSSC_DISASM=1 prints each kernel's machine code (for work on the code generator).
+    let disasm = std::env::var_os("LOSSC_DISASM").is_some();
+    ctx.set_disasm(disasm);
+    let code = ctx.compile(isa, &mut ControlPlane::default()).map_err(|e| format!("sweep {k}: {:?}", e.inner))?;
+    if !code.buffer.relocs().is_empty() {
+        return Err(format!("sweep {k} calls out of the kernel: its maths must be inline"));
+    }
+    if disasm {
+        eprintln!("sweep {k}:\n{}", code.vcode.as_deref().unwrap_or("(no disassembly)"));
+    }
+    Ok((code.code_buffer().to_vec(), u64::from(code.buffer.alignment)))
 }
+
+/// The vectors of one group of lanes, by node and class.
+type Values = HashMap<(NodeId, usize), Value>;
+
+/// Where a group of four lanes is: this byte offset past the rows' current addresses.
+#[derive(Clone, Copy)]
+struct At(i32);
 
 /// A row of a tensor: its address at the current position, advanced as the loop goes, or
 /// fixed (an input broadcast along positions).
@@ -231,7 +269,7 @@ struct Emitter<'a> {
     shape: &'a Shape,
     math: Math,
     /// Loop-invariant vectors (constants, tail values), by node and class.
-    hoisted: HashMap<(NodeId, usize), Value>,
+    hoisted: Values,
 }
 
 /// Positions between moves of the f32 sums into the f64 ones (a multiple of 4 UNROLL).
@@ -239,7 +277,7 @@ const FLUSH: i64 = 64;
 
 /// Groups of four positions per step of the inner loop, computed side by side so that
 /// their dependency chains (exp, division, log) overlap.
-const UNROLL: usize = 2;
+const UNROLL: usize = 1;
 
 /// Byte offsets of the `Args` fields.
 const ARG_INPUTS: i32 = 0;
@@ -251,6 +289,7 @@ const ARG_PARTIALS: i32 = 40;
 const ARG_B: i32 = 48;
 const ARG_S0: i32 = 56;
 const ARG_LEN: i32 = 64;
+const ARG_LIVE: i32 = 72;
 
 fn data() -> MemFlagsData {
     // f32 buffers are only 4-byte aligned; every access is in bounds.
@@ -270,8 +309,6 @@ impl Emitter<'_> {
         let outer = b.create_block();
         let inner = b.create_block();
         let flush_block = b.create_block();
-        let check_rest = b.create_block();
-        let rest = b.create_block();
         let done = b.create_block();
         b.append_block_params_for_function_params(entry);
         b.switch_to_block(entry);
@@ -398,20 +435,29 @@ impl Emitter<'_> {
                 b.def_var(i, next);
                 next
             };
+        // Runs of up to FLUSH positions, four at a time, summed in f32, then moved into f64.
+        let live = field(b, args, ARG_LIVE);
+        let live = b.ins().ireduce(I32, live);
+        let live = b.ins().splat(I32X4, live);
+        let lane_bytes: Vec<u8> = (0u32..4).flat_map(|k| k.to_le_bytes()).collect();
+        let lane_ids = b.func.dfg.constants.insert(ConstantData::from(lane_bytes));
+        let lane_ids = b.ins().vconst(I32X4, lane_ids);
+        let mask = b.ins().icmp(IntCC::SignedLessThan, lane_ids, live);
+        let mask = b.ins().bitcast(F32X4, math::lanes(), mask);
         b.ins().jump(outer, &[]);
-
-        // Runs of FLUSH positions, four at a time, summed in f32, then moved into f64.
         b.switch_to_block(outer);
         let iv = b.use_var(i);
+        let more = b.ins().icmp(IntCC::SignedLessThan, iv, len);
         let stop = b.ins().iadd_imm_s(iv, FLUSH);
-        let fits = b.ins().icmp(IntCC::SignedLessThanOrEqual, stop, len);
-        b.ins().brif(fits, inner, &[], check_rest, &[]);
+        let short = b.ins().icmp(IntCC::SignedLessThan, len, stop);
+        let stop = b.ins().select(short, len, stop);
+        b.ins().brif(more, inner, &[], done, &[]);
 
         b.switch_to_block(inner);
         let here = self.positions(b, &rows, &write_rows);
-        let ats: Vec<At> = (0..UNROLL).map(|u| At::Vector(16 * u as i32)).collect();
+        let ats: Vec<At> = (0..UNROLL).map(|u| At(16 * u as i32)).collect();
         let values = self.body(b, &body, &here.0, &ats)?;
-        self.accumulate(b, &values, &narrow, None);
+        self.accumulate(b, &values, &narrow, mask);
         for (v, &at) in values.iter().zip(&ats) {
             self.store(b, v, &here.1, at);
         }
@@ -422,36 +468,6 @@ impl Emitter<'_> {
         b.switch_to_block(flush_block);
         flush(b);
         b.ins().jump(outer, &[]);
-
-        // The last positions (fewer than FLUSH), four lanes at a time, each lane clamped to
-        // the block's last position and masked out of the sums past it.
-        b.switch_to_block(check_rest);
-        let iv = b.use_var(i);
-        let more = b.ins().icmp(IntCC::SignedLessThan, iv, len);
-        b.ins().brif(more, rest, &[], done, &[]);
-
-        b.switch_to_block(rest);
-        let iv = b.use_var(i);
-        let left = b.ins().isub(len, iv);
-        let last = b.ins().iadd_imm_s(left, -1);
-        let offs: [Value; 4] = std::array::from_fn(|k| {
-            let kk = b.ins().iconst(I64, k as i64);
-            let past = b.ins().icmp(IntCC::SignedGreaterThan, kk, last);
-            let p = b.ins().select(past, last, kk);
-            b.ins().ishl_imm_u(p, 2)
-        });
-        let here = self.positions(b, &rows, &write_rows);
-        let values = self.body(b, &body, &here.0, &[At::Lanes(offs)])?;
-        let left = b.ins().ireduce(I32, left);
-        let left = b.ins().splat(I32X4, left);
-        let lane_bytes: Vec<u8> = (0u32..4).flat_map(|k| k.to_le_bytes()).collect();
-        let lane_ids = b.func.dfg.constants.insert(ConstantData::from(lane_bytes));
-        let lane_ids = b.ins().vconst(I32X4, lane_ids);
-        let live = b.ins().icmp(IntCC::SignedLessThan, lane_ids, left);
-        self.accumulate(b, &values, &narrow, Some((live, zero)));
-        self.store(b, &values[0], &here.1, At::Lanes(offs));
-        advance(b, &rows, &write_rows, 1);
-        b.ins().jump(check_rest, &[]);
 
         // Lanes summed in f64, in a fixed order, into the block's partials.
         b.switch_to_block(done);
@@ -484,13 +500,7 @@ impl Emitter<'_> {
     }
 
     /// Adds each summed value to its f32 accumulator (lanes outside `mask` add 0).
-    fn accumulate(
-        &self,
-        b: &mut FunctionBuilder,
-        values: &[HashMap<(NodeId, usize), Value>],
-        narrow: &[Variable],
-        mask: Option<(Value, Value)>,
-    ) {
+    fn accumulate(&self, b: &mut FunctionBuilder, values: &[Values], narrow: &[Variable], mask: Value) {
         let mut vars = narrow.iter();
         for &operand in &self.spec.sums {
             for c in 0..self.classes(operand) {
@@ -500,9 +510,7 @@ impl Emitter<'_> {
                     let w = self.value(more, operand, c);
                     v = b.ins().fadd(v, w);
                 }
-                if let Some((live, zero)) = mask {
-                    v = math::select(b, live, v, zero);
-                }
+                v = b.ins().band(v, mask);
                 let a = b.use_var(var);
                 let s = b.ins().fadd(a, v);
                 b.def_var(var, s);
@@ -510,7 +518,7 @@ impl Emitter<'_> {
         }
     }
 
-    fn value(&self, values: &HashMap<(NodeId, usize), Value>, id: NodeId, c: usize) -> Value {
+    fn value(&self, values: &Values, id: NodeId, c: usize) -> Value {
         let c = if self.g.axes(id).contains(AxisSet::CLASS) { c } else { 0 };
         *values
             .get(&(id, c))
@@ -519,7 +527,7 @@ impl Emitter<'_> {
     }
 
     /// Stores every gradient the sweep writes at the body's positions.
-    fn store(&self, b: &mut FunctionBuilder, values: &HashMap<(NodeId, usize), Value>, rows: &[Vec<Value>], at: At) {
+    fn store(&self, b: &mut FunctionBuilder, values: &Values, rows: &[Vec<Value>], at: At) {
         for (w, addrs) in self.spec.writes.iter().zip(rows) {
             for (r, &addr) in addrs.iter().enumerate() {
                 let v = if w.sum_classes {
@@ -537,19 +545,7 @@ impl Emitter<'_> {
                 } else {
                     self.value(values, w.node, r)
                 };
-                match at {
-                    At::Vector(off) => {
-                        b.ins().store(data(), v, addr, off);
-                    }
-                    At::Lanes(offs) => {
-                        // In lane order: clamped lanes repeat the last position's value.
-                        for (k, off) in offs.iter().enumerate() {
-                            let x = b.ins().extractlane(v, k as u8);
-                            let p = b.ins().iadd(addr, *off);
-                            b.ins().store(data(), x, p, 0);
-                        }
-                    }
-                }
+                b.ins().store(data(), v, addr, at.0);
             }
         }
     }
@@ -561,9 +557,9 @@ impl Emitter<'_> {
         body: &[NodeId],
         rows: &HashMap<(usize, usize), (Value, bool)>,
         ats: &[At],
-    ) -> Result<Vec<HashMap<(NodeId, usize), Value>>, String> {
+    ) -> Result<Vec<Values>, String> {
         let g = self.g;
-        let mut all: Vec<HashMap<(NodeId, usize), Value>> = vec![HashMap::new(); ats.len()];
+        let mut all: Vec<Values> = vec![HashMap::new(); ats.len()];
         let mut logistic = Logistic::default();
         // Node by node, each for every group of lanes: independent chains side by side.
         for &id in body {
@@ -777,18 +773,5 @@ impl Logistic {
 
 /// Four lanes from `row` at `at`.
 fn load(b: &mut FunctionBuilder, row: Value, at: At) -> Value {
-    match at {
-        At::Vector(off) => b.ins().load(F32X4, data(), row, off),
-        At::Lanes(offs) => {
-            let p = b.ins().iadd(row, offs[0]);
-            let x = b.ins().load(F32, data(), p, 0);
-            let mut v = b.ins().splat(F32X4, x);
-            for (k, off) in offs.iter().enumerate().skip(1) {
-                let p = b.ins().iadd(row, *off);
-                let x = b.ins().load(F32, data(), p, 0);
-                v = b.ins().insertlane(v, x, k as u8);
-            }
-            v
-        }
-    }
+    b.ins().load(F32X4, data(), row, at.0)
 }
