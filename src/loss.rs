@@ -301,7 +301,22 @@ impl Loss {
 
     /// The loss value on float32 inputs, by the native runtime; the gradient with respect to
     /// input `i` goes into `grads[i]` where that is `Some` (a buffer shaped like the input).
-    /// Pass an empty `grads` for the value only. `&self` is shared freely across threads.
+    /// Pass an empty `grads` for the value only. `&self` is shared freely across threads;
+    /// kernels are compiled on the first call for each shape pattern and reused.
+    ///
+    /// ```
+    /// use lossc::{Loss, View};
+    ///
+    /// let loss = Loss::compile("tversky", "alpha=0.3,beta=0.7")?;
+    /// // [batch, class, spatial]: 2 images of 3 pixels.
+    /// let p = [0.9f32, 0.2, 0.6, 0.1, 0.8, 0.4];
+    /// let y = [1.0f32, 0.0, 1.0, 0.0, 1.0, 0.0];
+    /// let inputs = [View::new([2, 1, 3], &p), View::new([2, 1, 3], &y)];
+    /// let mut dp = [0.0f32; 6];
+    /// let value = loss.evaluate(&inputs, &mut [Some(&mut dp), None])?;
+    /// assert!(value > 0.0 && value < 1.0 && dp[0] < 0.0);
+    /// # Ok::<(), lossc::Error>(())
+    /// ```
     pub fn evaluate(&self, inputs: &[View], grads: &mut [Option<&mut [f32]>]) -> Result<f64, Error> {
         runtime::evaluate(self, Backend::Jit, inputs, grads)
     }
