@@ -234,6 +234,9 @@ fn machine_code(
     Ok((code.code_buffer().to_vec(), u64::from(code.buffer.alignment)))
 }
 
+/// Of a class log-sum-exp: e^(x_c - max) per class, their sum, and its reciprocal once needed.
+type SoftmaxParts = (Vec<Value>, Value, Option<Value>);
+
 /// The vectors of one group of lanes, by node and class.
 type Values = HashMap<(NodeId, usize), Value>;
 
@@ -561,12 +564,26 @@ impl Emitter<'_> {
         let g = self.g;
         let mut all: Vec<Values> = vec![HashMap::new(); ats.len()];
         let mut logistic = Logistic::default();
+        let mut softmax: HashMap<(usize, NodeId), SoftmaxParts> = HashMap::new();
         // Node by node, each for every group of lanes: independent chains side by side.
         for &id in body {
             let node = g.node(id);
             let n = self.classes(id);
-            for (values, &at) in all.iter_mut().zip(ats) {
+            for (copy, (values, &at)) in all.iter_mut().zip(ats).enumerate() {
                 match node.op {
+                    // softmax: exp(x - logsumexp(x)) is e^(x - max) / sum, from the logsumexp.
+                    Op::Exp if self.softmax_of(node.args[0]).is_some_and(|l| softmax.contains_key(&(copy, l))) => {
+                        let l = self.softmax_of(node.args[0]).expect("checked above");
+                        let (exps, sum, recip) = softmax.get_mut(&(copy, l)).expect("checked above");
+                        let r = *recip.get_or_insert_with(|| {
+                            let one = math::splat(b, 1.0);
+                            b.ins().fdiv(one, *sum)
+                        });
+                        for (c, &e) in exps.iter().enumerate() {
+                            let v = b.ins().fmul(e, r);
+                            values.insert((id, c), v);
+                        }
+                    }
                     // sigmoid and softplus of x and of -x share e^-|x|, one division, one log1p.
                     Op::Sigmoid | Op::Softplus => {
                         let (base, negated) = match g.node(node.args[0]).op {
@@ -622,7 +639,9 @@ impl Emitter<'_> {
                         let a = node.args[0];
                         let v = if self.classes(a) > 1 {
                             let xs: Vec<Value> = (0..self.classes(a)).map(|c| self.value(values, a, c)).collect();
-                            self.log_sum_exp(b, &xs)
+                            let (v, exps, sum) = self.log_sum_exp(b, &xs);
+                            softmax.insert((copy, id), (exps, sum, None));
+                            v
                         } else {
                             let x = self.value(values, a, 0);
                             let k = math::splat(b, (self.shape.classes as f32).ln());
@@ -645,26 +664,41 @@ impl Emitter<'_> {
 
     /// log(sum(exp(x))) over the vectors, shifted by their maximum; an infinite maximum
     /// is the result (as in the reference), a NaN anywhere gives NaN.
-    fn log_sum_exp(&self, b: &mut FunctionBuilder, xs: &[Value]) -> Value {
+    /// The class log-sum-exp `l` when `arg` is `x - l` with `l = logsumexp(x, over class)`.
+    fn softmax_of(&self, arg: NodeId) -> Option<NodeId> {
+        let n = self.g.node(arg);
+        let l = *n.args.get(1)?;
+        let ln = self.g.node(l);
+        (n.op == Op::Sub
+            && ln.op == Op::LogSumExp(AxisSet::CLASS)
+            && ln.args[0] == n.args[0]
+            && self.classes(n.args[0]) > 1)
+            .then_some(l)
+    }
+
+    /// Also returns the shifted exponentials e^(x - max) and their sum, which softmax reuses.
+    fn log_sum_exp(&self, b: &mut FunctionBuilder, xs: &[Value]) -> (Value, Vec<Value>, Value) {
         let mut m = xs[0];
         for &x in &xs[1..] {
             m = b.ins().fmax(m, x);
         }
-        let mut s = None;
-        for &x in xs {
-            let d = b.ins().fsub(x, m);
-            let e = self.math.exp(b, d);
-            s = Some(match s {
-                None => e,
-                Some(t) => b.ins().fadd(t, e),
-            });
+        let exps: Vec<Value> = xs
+            .iter()
+            .map(|&x| {
+                let d = b.ins().fsub(x, m);
+                self.math.exp(b, d)
+            })
+            .collect();
+        let mut s = exps[0];
+        for &e in &exps[1..] {
+            s = b.ins().fadd(s, e);
         }
-        let l = self.math.log(b, s.expect("invariant: at least one class"));
+        let l = self.math.log(b, s);
         let r = b.ins().fadd(m, l);
         let inf = math::splat(b, f32::INFINITY);
         let am = math::abs(b, m);
         let infinite = b.ins().fcmp(FloatCC::Equal, am, inf);
-        math::select(b, infinite, m, r)
+        (math::select(b, infinite, m, r), exps, s)
     }
 
     /// One elementwise op on f32x4 values; `ids` are the argument nodes (for constant exponents).
