@@ -138,23 +138,83 @@ fn compile(loss: &Loss, key: &Key) -> Result<Compiled, Error> {
         let sum_classes = declared && key.one_row[i] && key.shape.classes > 1;
         writes.push((level[n], Write { input: i, node: *n, rows, sum_classes }));
     }
-    let mut sweeps = Vec::new();
+    let mut plans: Vec<Option<(Vec<NodeId>, Vec<usize>, Vec<Write>)>> = Vec::new();
     for k in 0..count {
         let reductions: Vec<NodeId> =
             order.iter().copied().filter(|&id| crosses_elements(g, id) && level[&id] == k + 1).collect();
         let inputs: Vec<usize> = grad_sums.iter().filter(|(l, _)| *l == k).map(|(_, i)| *i).collect();
         let w: Vec<Write> = writes.iter().filter(|(l, _)| *l == k).map(|(_, w)| w.clone()).collect();
-        if reductions.is_empty() && inputs.is_empty() && w.is_empty() {
-            sweeps.push(None);
-            continue;
-        }
+        plans.push((!reductions.is_empty() || !inputs.is_empty() || !w.is_empty()).then_some((reductions, inputs, w)));
+    }
+    let sums_of = |reductions: &[NodeId], inputs: &[usize]| -> Vec<NodeId> {
         let mut sums: Vec<NodeId> = reductions.iter().map(|&r| g.node(r).args[0]).collect();
         sums.extend(inputs.iter().map(|&i| loss.gradient_nodes()[i].expect("invariant: wanted gradient")));
-        sweeps.push(Some(Sweep { spec: SweepSpec::new(g, sums, w), reductions, grad_sums: inputs }));
+        sums
+    };
+    // Where a gradient sweep would compute again an expensive value of the sweep before
+    // it, the earlier sweep leaves that value in the gradient's buffer.
+    let mut stashes: Vec<Vec<(NodeId, usize)>> = vec![Vec::new(); count];
+    for k in 1..count {
+        let (Some(before), Some(now)) = (&plans[k - 1], &plans[k]) else { continue };
+        let first = SweepSpec::new(g, sums_of(&before.0, &before.1), before.2.clone(), vec![]).body(g);
+        let second = SweepSpec::new(g, sums_of(&now.0, &now.1), now.2.clone(), vec![]).body(g);
+        if let Some((v, w)) = stash(g, &first, &second, &now.2, key.shape.classes) {
+            stashes[k].push((v, w));
+            let target = &now.2[w];
+            let carry = Write { input: target.input, node: v, rows: target.rows, sum_classes: false };
+            if let Some(before) = plans[k - 1].as_mut() {
+                before.2.push(carry);
+            }
+        }
     }
+    let sweeps: Vec<Option<Sweep>> = plans
+        .into_iter()
+        .zip(stashes)
+        .map(|(plan, stashed)| {
+            plan.map(|(reductions, inputs, w)| Sweep {
+                spec: SweepSpec::new(g, sums_of(&reductions, &inputs), w, stashed),
+                reductions,
+                grad_sums: inputs,
+            })
+        })
+        .collect();
     let specs: Vec<SweepSpec> = sweeps.iter().flatten().map(|s| s.spec.clone()).collect();
     let kernels = sweep::compile(g, &specs, &key.shape).map_err(Error::Unsupported)?;
     Ok(Compiled { kernels, sweeps, level, order, fixed: key.shape.spatial_broadcast.clone() })
+}
+
+/// The value to carry from one sweep to the next in a gradient buffer, with the index of
+/// that write: the value both sweeps compute whose computation holds the most
+/// transcendental functions and divisions, if it holds any, and whose layout fits a
+/// buffer (a class-varying value needs a buffer with a row per class).
+fn stash(g: &Graph, first: &[NodeId], second: &[NodeId], writes: &[Write], classes: usize) -> Option<(NodeId, usize)> {
+    let mut cost: HashMap<NodeId, usize> = HashMap::new();
+    for &id in second {
+        let n = g.node(id);
+        let own = usize::from(matches!(
+            n.op,
+            Op::Exp
+                | Op::Log
+                | Op::Log1p
+                | Op::Sigmoid
+                | Op::Softplus
+                | Op::Tanh
+                | Op::Pow
+                | Op::Div
+                | Op::LogSumExp(_)
+        ));
+        let below: usize = n.args.iter().map(|a| cost.get(a).copied().unwrap_or(0)).sum();
+        cost.insert(id, own + below);
+    }
+    let shared: Vec<NodeId> = second
+        .iter()
+        .copied()
+        .filter(|id| first.contains(id) && !matches!(g.node(*id).op, Op::Input { .. }) && cost[id] > 0)
+        .collect();
+    let best = shared.iter().copied().max_by_key(|id| (cost[id], std::cmp::Reverse(*id)))?;
+    let varies = g.axes(best).contains(AxisSet::CLASS) && classes > 1;
+    let w = writes.iter().position(|w| !w.sum_classes && (!varies || w.rows == classes))?;
+    Some((best, w))
 }
 
 /// A pointer shared by the blocks, each of which touches only its own part.
@@ -385,7 +445,21 @@ fn run_padded(
             ],
         })
         .collect();
-    let mut out: Vec<Vec<f32>> = writes.iter().map(|w| vec![0.0; w.rows * 4]).collect();
+    // Gradient rows start as what the buffer holds: a stashed value from the sweep before.
+    let mut out: Vec<Vec<f32>> = writes
+        .iter()
+        .zip(grad_ptrs)
+        .map(|(w, &g)| {
+            let shape = inputs[w.input].shape;
+            (0..w.rows)
+                .flat_map(|c| {
+                    (0..4).map(move |k| (block.b * shape[1] + c) * shape[2] + block.s0 + k.min(block.len - 1))
+                })
+                // SAFETY: in the gradient buffer, at this block's positions (see below).
+                .map(|at| unsafe { *g.add(at) })
+                .collect()
+        })
+        .collect();
     let out_ptrs: Vec<*mut f32> = out.iter_mut().map(|o| o.as_mut_ptr()).collect();
     let out_strides: Vec<[i64; 2]> = writes.iter().map(|_| [0, 4]).collect();
     let args = Args {

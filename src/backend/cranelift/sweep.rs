@@ -81,14 +81,25 @@ pub struct SweepSpec {
     pub writes: Vec<Write>,
     /// Values it reads from the tail (not constants), one slot each.
     pub slots: Vec<NodeId>,
+    /// Values an earlier sweep left in the buffer of one of this sweep's writes (by index
+    /// into `writes`): loaded there instead of computed again, before the gradient
+    /// overwrites them.
+    pub stashed: Vec<(NodeId, usize)>,
 }
 
 impl SweepSpec {
     /// The spec for these sums and writes; the slots are every value the sweep reads
     /// that does not vary over positions.
-    pub fn new(g: &Graph, sums: Vec<NodeId>, writes: Vec<Write>) -> SweepSpec {
-        let (_, slots) = body_and_slots(g, &roots(&sums, &writes));
-        SweepSpec { sums, writes, slots }
+    pub fn new(g: &Graph, sums: Vec<NodeId>, writes: Vec<Write>, stashed: Vec<(NodeId, usize)>) -> SweepSpec {
+        let leaves: Vec<NodeId> = stashed.iter().map(|(v, _)| *v).collect();
+        let (_, slots) = body_and_slots(g, &roots(&sums, &writes), &leaves);
+        SweepSpec { sums, writes, slots, stashed }
+    }
+
+    /// The values computed per position, in topological order.
+    pub fn body(&self, g: &Graph) -> Vec<NodeId> {
+        let leaves: Vec<NodeId> = self.stashed.iter().map(|(v, _)| *v).collect();
+        body_and_slots(g, &roots(&self.sums, &self.writes), &leaves).0
     }
 
     /// Partial sums per block: one per class of each summed value.
@@ -102,12 +113,13 @@ fn roots(sums: &[NodeId], writes: &[Write]) -> Vec<NodeId> {
     sums.iter().copied().chain(writes.iter().map(|w| w.node)).collect()
 }
 
-/// Nodes computed per position (in topological order) and the tail values they read.
-fn body_and_slots(g: &Graph, roots: &[NodeId]) -> (Vec<NodeId>, Vec<NodeId>) {
+/// Nodes computed per position (in topological order) and the tail values they read;
+/// `leaves` are loaded, not computed from their arguments.
+fn body_and_slots(g: &Graph, roots: &[NodeId], leaves: &[NodeId]) -> (Vec<NodeId>, Vec<NodeId>) {
     let mut seen = std::collections::BTreeSet::new();
     let mut stack = roots.to_vec();
     while let Some(id) = stack.pop() {
-        if seen.insert(id) && streamed(g, id) {
+        if seen.insert(id) && streamed(g, id) && !leaves.contains(&id) {
             stack.extend(g.node(id).args.iter().copied());
         }
     }
@@ -306,8 +318,11 @@ impl Emitter<'_> {
 
     fn emit(&mut self, b: &mut FunctionBuilder) -> Result<(), String> {
         let g = self.g;
-        let (body, slots) = body_and_slots(g, &roots(&self.spec.sums, &self.spec.writes));
+        let leaves: Vec<NodeId> = self.spec.stashed.iter().map(|(v, _)| *v).collect();
+        let (mut body, slots) = body_and_slots(g, &roots(&self.spec.sums, &self.spec.writes), &leaves);
         debug_assert_eq!(slots, self.spec.slots);
+        // Stashed values are plain loads: first, so that anything may use them.
+        body.sort_by_key(|id| !leaves.contains(id));
         let entry = b.create_block();
         let outer = b.create_block();
         let inner = b.create_block();
@@ -459,7 +474,7 @@ impl Emitter<'_> {
         b.switch_to_block(inner);
         let here = self.positions(b, &rows, &write_rows);
         let ats: Vec<At> = (0..UNROLL).map(|u| At(16 * u as i32)).collect();
-        let values = self.body(b, &body, &here.0, &ats)?;
+        let values = self.body(b, &body, &here.0, &here.1, &ats)?;
         self.accumulate(b, &values, &narrow, mask);
         for (v, &at) in values.iter().zip(&ats) {
             self.store(b, v, &here.1, at);
@@ -559,6 +574,7 @@ impl Emitter<'_> {
         b: &mut FunctionBuilder,
         body: &[NodeId],
         rows: &HashMap<(usize, usize), (Value, bool)>,
+        write_rows: &[Vec<Value>],
         ats: &[At],
     ) -> Result<Vec<Values>, String> {
         let g = self.g;
@@ -570,6 +586,13 @@ impl Emitter<'_> {
             let node = g.node(id);
             let n = self.classes(id);
             for (copy, (values, &at)) in all.iter_mut().zip(ats).enumerate() {
+                if let Some(&(_, w)) = self.spec.stashed.iter().find(|(v, _)| *v == id) {
+                    for c in 0..n {
+                        let list = &write_rows[w];
+                        values.insert((id, c), load(b, list[c.min(list.len() - 1)], at));
+                    }
+                    continue;
+                }
                 match node.op {
                     // softmax: exp(x - logsumexp(x)) is e^(x - max) / sum, from the logsumexp.
                     Op::Exp if self.softmax_of(node.args[0]).is_some_and(|l| softmax.contains_key(&(copy, l))) => {
@@ -590,6 +613,22 @@ impl Emitter<'_> {
                             Op::Neg => (g.node(node.args[0]).args[0], true),
                             _ => (node.args[0], false),
                         };
+                        // With sigmoid(x) stashed, sigmoid(-x) = 1 - sigmoid(x) (accurate to
+                        // an ulp of 1: this only happens in gradient sweeps).
+                        let stashed = self.spec.stashed.iter().map(|(v, _)| *v).find(|&v| {
+                            negated
+                                && node.op == Op::Sigmoid
+                                && g.node(v).op == Op::Sigmoid
+                                && g.node(v).args[0] == base
+                        });
+                        if let Some(v) = stashed {
+                            for c in 0..n {
+                                let s = self.value(values, v, c);
+                                let one = math::splat(b, 1.0);
+                                values.insert((id, c), b.ins().fsub(one, s));
+                            }
+                            continue;
+                        }
                         for c in 0..n {
                             let x = self.value(values, base, c);
                             let v = if node.op == Op::Sigmoid {
