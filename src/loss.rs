@@ -223,6 +223,37 @@ impl Loss {
         self.header() + &print_graph(&self.graph, &roots, &self.input_names()).body + &zero.concat()
     }
 
+    /// The terms of the loss's top-level sum, each compiled as a loss of its own over the
+    /// same inputs (in the same order): `0.5*dice(sigmoid(x), y) + bce_logits(x, y)` has two,
+    /// whose values add up to the loss. A loss that is not a sum is its own single term.
+    /// The terms are those of the simplified graph, as `show` prints them.
+    pub fn terms(&self) -> Vec<Loss> {
+        let mut roots = Vec::new();
+        let mut stack = vec![self.root];
+        while let Some(id) = stack.pop() {
+            let node = self.graph.node(id);
+            if node.op == Op::Add {
+                stack.extend([node.args[1], node.args[0]]);
+            } else {
+                roots.push(id);
+            }
+        }
+        if roots.len() == 1 {
+            return vec![self.clone()];
+        }
+        let term = |(i, root): (usize, NodeId)| {
+            let lowered = check::Lowered {
+                graph: self.graph.clone(),
+                root,
+                inputs: self.inputs.clone(),
+                input_nodes: vec![],
+                hypers: self.hypers.clone(),
+            };
+            Loss::from_lowered(&format!("{}[{i}]", self.name), lowered)
+        };
+        roots.into_iter().enumerate().map(term).collect()
+    }
+
     /// The broadcast `[batch, class, spatial]` extents of these input shapes,
     /// or an error that names the input, both shapes and the rule.
     pub fn extents(&self, shapes: &[[usize; 3]]) -> Result<[usize; 3], Error> {
