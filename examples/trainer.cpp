@@ -2,14 +2,14 @@
 // as text from the command line, trains a per-pixel logistic model on synthetic masks
 // with it (full batch, Adam), and prints the loss and the IoU on every epoch.
 //
-//   c++ -std=c++17 -Wall -Wextra -Werror examples/trainer.cpp -I include \
+//   c++ -std=c++17 -Wall -Wextra -Werror examples/trainer.cpp -I include
 //       -L target/release -llossc -Wl,-rpath,target/release -o trainer
 //   ./trainer 'lovasz_hinge' 40
 //   ./trainer '0.5*dice(sigmoid(x), y) + bce_logits(x, y)'
 //
 // The loss's inputs are chosen by name: `x` gets the model's logits, `p` their
 // sigmoid (probabilities), `y` the target masks. The model's logit for a pixel is
-// w0 * intensity + w1 * (3x3 mean intensity) + b.
+// w0 * intensity + w1 * (3x3 mean intensity) + b, both standardised.
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -78,6 +78,13 @@ Data make_data(unsigned seed) {
             d.features[k * kPixels + i] = {image[k * kPixels + i], sum / float(count), 1.0f};
         }
     }
+    // Standardise the two image features, so one learning rate suits every weight.
+    for (int f = 0; f < 2; f++) {
+        double mean = 0, var = 0;
+        for (auto &x : d.features) mean += x[f] / kN;
+        for (auto &x : d.features) var += (x[f] - mean) * (x[f] - mean) / kN;
+        for (auto &x : d.features) x[f] = float((x[f] - mean) / std::sqrt(var));
+    }
     return d;
 }
 
@@ -117,7 +124,7 @@ int run(const char *source, int epochs) {
 
     std::vector<float> logits(kN), probs(kN), dlogits(kN), dprobs(kN), dmask(kN);
     std::array<double, kFeatures> w{}, m{}, v{};  // weights, Adam moments
-    const double lr = 0.1, beta1 = 0.9, beta2 = 0.999;
+    const double lr = 0.2, beta1 = 0.9, beta2 = 0.999;
     const lossc_shape shape{kImages, 1, kPixels};
     for (int epoch = 0; epoch <= epochs; epoch++) {
         for (int i = 0; i < kN; i++) {
