@@ -416,3 +416,29 @@ pub fn parse_params(text: &str) -> Result<Vec<(String, f64)>, Error> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn terms_of_a_sum_add_up_to_the_loss() {
+        let loss =
+            Loss::compile("0.5*dice(sigmoid(x), y) + bce_logits(x, y) + 0.1*iou(sigmoid(x), y)", "").expect("compiles");
+        let terms = loss.terms();
+        assert_eq!(terms.len(), 3);
+        let mut rng = crate::synth::Rng::new(3);
+        let inputs = crate::synth::inputs(loss.inputs(), [2, 1, 50], &mut rng);
+        let refs: Vec<&Tensor> = inputs.iter().collect();
+        let sum: f64 = terms.iter().map(|t| t.eval(&refs).expect("a term")).sum();
+        let total = loss.eval(&refs).expect("the loss");
+        assert!((sum - total).abs() < 1e-12, "{sum} vs {total}");
+        for (term, alone) in terms.iter().zip(["0.5*dice(sigmoid(x), y)", "bce_logits(x, y)", "0.1*iou(sigmoid(x), y)"])
+        {
+            let alone = Loss::compile(alone, "").expect("compiles").eval(&refs).expect("evaluates");
+            assert_eq!(term.eval(&refs).expect("a term"), alone);
+        }
+        assert!(terms[1].show().starts_with("loss expr[1](x, y)"), "{}", terms[1].show());
+        assert_eq!(Loss::compile("dice", "").expect("dice").terms().len(), 1);
+    }
+}

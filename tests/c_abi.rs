@@ -78,7 +78,10 @@ fn run(cmd: &mut Command) -> Output {
 fn build(compiler: &str, flags: &[&str], sources: &[&str], exe: &Path, link_static: bool) {
     let lib = lib_dir();
     let mut cmd = Command::new(compiler);
-    cmd.args(flags).arg("-I").arg(root("include")).arg(format!("-DLOSSC_TEST_VERSION=\"{}\"", env!("CARGO_PKG_VERSION")));
+    cmd.args(flags)
+        .arg("-I")
+        .arg(root("include"))
+        .arg(format!("-DLOSSC_TEST_VERSION=\"{}\"", env!("CARGO_PKG_VERSION")));
     cmd.args(sources.iter().map(|s| root(s))).arg("-o").arg(exe);
     if link_static {
         cmd.arg(lib.join("liblossc.a")).args(STATIC_LIBS);
@@ -256,10 +259,7 @@ fn readme_minimal_example() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let want = Loss::compile("dice(sigmoid(x), y)", "")
         .expect("compiles")
-        .eval(&[
-            &Tensor::new([1, 1, 4], vec![2.0, -1.0, 0.5, -3.0]),
-            &Tensor::new([1, 1, 4], vec![1.0, 0.0, 1.0, 0.0]),
-        ])
+        .eval(&[&Tensor::new([1, 1, 4], vec![2.0, -1.0, 0.5, -3.0]), &Tensor::new([1, 1, 4], vec![1.0, 0.0, 1.0, 0.0])])
         .expect("evaluates");
     assert!(stdout.contains(&format!("expr = {want:.6}")), "{stdout}");
 }
