@@ -271,6 +271,19 @@ static void check_case(const case_t *c) {
     for (size_t i = 0; i < c->n_inputs; i++) CHECK(counts[i] == 0, "%s: %llu non-finite", c->source,
                                                    (unsigned long long)counts[i]);
 
+    /* A NaN in the first input: a NaN loss, never a failure or a crash. */
+    float *nan_input = xmalloc(c->inputs[0].len * sizeof(float));
+    memcpy(nan_input, c->inputs[0].data, c->inputs[0].len * sizeof(float));
+    nan_input[c->inputs[0].len / 2] = NAN;
+    inputs[0] = nan_input;
+    st = lossc_eval(loss, inputs, shapes, c->n_inputs, &value, grads);
+    CHECK(st == LOSSC_STATUS_OK, "%s with a NaN: %s", c->source, lossc_last_error());
+    CHECK(isnan(value), "%s: a NaN input gave the loss %g", c->source, value);
+    st = lossc_count_nonfinite(loss, inputs, shapes, c->n_inputs, counts);
+    CHECK(st == LOSSC_STATUS_OK && counts[0] == 1, "%s: %llu non-finite, expected 1", c->source,
+          (unsigned long long)counts[0]);
+    free(nan_input);
+
     for (size_t i = 0; i < c->n_inputs; i++) {
         free(grads[i]);
         free(grads64[i]);
