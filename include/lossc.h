@@ -94,13 +94,14 @@ const char *lossc_status_name(int status);
  * The message of the last call on this thread that failed ("" if none has): for
  * source errors it holds `file:line:col`, the underlined line and what was expected.
  * Owned by lossc and per thread: valid until the next failing lossc call on the same
- * thread; copy it to keep it. Never NULL.
+ * thread; copy it to keep it. Never NULL. Any thread, any time: each sees its own.
  */
 const char *lossc_last_error(void);
 
 /**
  * Frees a string that lossc handed to the caller through a `char **` out-parameter
- * (`lossc_show`, `lossc_show_grad`). NULL is ignored.
+ * (`lossc_show`, `lossc_show_grad`). NULL is ignored. Any thread may free a string,
+ * once.
  *
  * # Safety
  * `s` is NULL or a string from lossc's `char **` out-parameters, not yet freed.
@@ -133,6 +134,7 @@ void lossc_free(lossc_loss *loss);
 /**
  * The loss's name: the stdlib loss, the last definition, or "expr" for a bare
  * expression. Owned by the loss (valid until `lossc_free`); NULL if `loss` is NULL.
+ * May run concurrently with any other call on the same loss except `lossc_free`.
  *
  * # Safety
  * `loss` is NULL or a live loss.
@@ -162,6 +164,7 @@ const char *lossc_input_name(const lossc_loss *loss, size_t i);
 /**
  * The canonical printed form of the loss (stable text, for snapshot tests): on
  * success `*text_out` receives a string the caller frees with `lossc_string_free`.
+ * May run concurrently with any other call on the same loss except `lossc_free`.
  *
  * # Safety
  * `loss` is NULL or a live loss; `text_out` is NULL or writable.
@@ -171,6 +174,7 @@ lossc_status lossc_show(const lossc_loss *loss, char **text_out);
 /**
  * The canonical printed form of the loss and of its gradient with respect to each
  * input (`d/dp = ...`); freed with `lossc_string_free`, as for `lossc_show`.
+ * May run concurrently with any other call on the same loss except `lossc_free`.
  *
  * # Safety
  * `loss` is NULL or a live loss; `text_out` is NULL or writable.
@@ -270,7 +274,8 @@ size_t lossc_num_terms(const lossc_loss *loss);
 /**
  * The canonical printed form of term `i`, as a loss of its own over the same inputs
  * (a first line `loss NAME[i](inputs...)`, then its body). Owned by the loss (valid
- * until `lossc_free`); NULL if `loss` is NULL or `i` is out of range.
+ * until `lossc_free`); NULL if `loss` is NULL or `i` is out of range. May run
+ * concurrently with any other call on the same loss except `lossc_free`.
  *
  * # Safety
  * `loss` is NULL or a live loss.

@@ -345,14 +345,15 @@ pub extern "C" fn lossc_status_name(status: c_int) -> *const c_char {
 /// The message of the last call on this thread that failed ("" if none has): for
 /// source errors it holds `file:line:col`, the underlined line and what was expected.
 /// Owned by lossc and per thread: valid until the next failing lossc call on the same
-/// thread; copy it to keep it. Never NULL.
+/// thread; copy it to keep it. Never NULL. Any thread, any time: each sees its own.
 #[no_mangle]
 pub extern "C" fn lossc_last_error() -> *const c_char {
     boundary(|| Ok(LAST_ERROR.try_with(|e| e.borrow().as_ptr()).unwrap_or(c"".as_ptr())))
 }
 
 /// Frees a string that lossc handed to the caller through a `char **` out-parameter
-/// (`lossc_show`, `lossc_show_grad`). NULL is ignored.
+/// (`lossc_show`, `lossc_show_grad`). NULL is ignored. Any thread may free a string,
+/// once.
 ///
 /// # Safety
 /// `s` is NULL or a string from lossc's `char **` out-parameters, not yet freed.
@@ -428,6 +429,7 @@ pub unsafe extern "C" fn lossc_free(loss: *mut Loss) {
 
 /// The loss's name: the stdlib loss, the last definition, or "expr" for a bare
 /// expression. Owned by the loss (valid until `lossc_free`); NULL if `loss` is NULL.
+/// May run concurrently with any other call on the same loss except `lossc_free`.
 ///
 /// # Safety
 /// `loss` is NULL or a live loss.
@@ -468,6 +470,7 @@ pub unsafe extern "C" fn lossc_input_name(loss: *const Loss, i: usize) -> *const
 
 /// The canonical printed form of the loss (stable text, for snapshot tests): on
 /// success `*text_out` receives a string the caller frees with `lossc_string_free`.
+/// May run concurrently with any other call on the same loss except `lossc_free`.
 ///
 /// # Safety
 /// `loss` is NULL or a live loss; `text_out` is NULL or writable.
@@ -485,6 +488,7 @@ pub unsafe extern "C" fn lossc_show(loss: *const Loss, text_out: *mut *mut c_cha
 
 /// The canonical printed form of the loss and of its gradient with respect to each
 /// input (`d/dp = ...`); freed with `lossc_string_free`, as for `lossc_show`.
+/// May run concurrently with any other call on the same loss except `lossc_free`.
 ///
 /// # Safety
 /// `loss` is NULL or a live loss; `text_out` is NULL or writable.
@@ -676,7 +680,8 @@ pub unsafe extern "C" fn lossc_num_terms(loss: *const Loss) -> usize {
 
 /// The canonical printed form of term `i`, as a loss of its own over the same inputs
 /// (a first line `loss NAME[i](inputs...)`, then its body). Owned by the loss (valid
-/// until `lossc_free`); NULL if `loss` is NULL or `i` is out of range.
+/// until `lossc_free`); NULL if `loss` is NULL or `i` is out of range. May run
+/// concurrently with any other call on the same loss except `lossc_free`.
 ///
 /// # Safety
 /// `loss` is NULL or a live loss.

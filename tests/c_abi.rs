@@ -120,6 +120,22 @@ fn header_is_current() {
     );
 }
 
+/// Every function the header declares is called by the C client.
+#[test]
+fn c_client_calls_every_function() {
+    let header = std::fs::read_to_string(root("include/lossc.h")).expect("include/lossc.h");
+    let client = std::fs::read_to_string(root("tests/c/capi_test.c")).expect("tests/c/capi_test.c");
+    let declared: Vec<&str> = header
+        .lines()
+        .filter(|l| !l.starts_with(' ') && !l.starts_with('#') && !l.starts_with('*') && l.contains('('))
+        .filter_map(|l| l.split('(').next()?.rsplit([' ', '*']).next())
+        .filter(|name| name.starts_with("lossc_"))
+        .collect();
+    assert!(declared.len() >= 20, "{declared:?}");
+    let missing: Vec<&&str> = declared.iter().filter(|f| !client.contains(&format!("{f}("))).collect();
+    assert!(missing.is_empty(), "tests/c/capi_test.c never calls {missing:?}");
+}
+
 // ---------------------------------------------------------------------------
 // The C client and its fixture.
 // ---------------------------------------------------------------------------
