@@ -199,12 +199,30 @@ unsafe fn borrow<'a, T>(p: *const T, what: &str) -> Result<&'a T, Failure> {
     unsafe { p.as_ref() }.ok_or_else(|| Failure::null(what))
 }
 
-/// `p` checked for NULL, for an output written at the end of a successful call.
-fn output<T>(p: *mut T, what: &str) -> Result<*mut T, Failure> {
+/// `p` checked for NULL (outputs are written through it only at the end of a
+/// successful call).
+fn non_null<P: Pointer>(p: P, what: &str) -> Result<P, Failure> {
     if p.is_null() {
         Err(Failure::null(what))
     } else {
         Ok(p)
+    }
+}
+
+/// A raw pointer, const or mut.
+trait Pointer: Copy {
+    fn is_null(self) -> bool;
+}
+
+impl<T> Pointer for *const T {
+    fn is_null(self) -> bool {
+        <*const T>::is_null(self)
+    }
+}
+
+impl<T> Pointer for *mut T {
+    fn is_null(self) -> bool {
+        <*mut T>::is_null(self)
     }
 }
 
@@ -240,8 +258,8 @@ unsafe fn read_inputs<'a, T>(
     if n == 0 {
         return Ok(vec![]);
     }
-    let inputs = output(inputs.cast_mut(), "inputs")?;
-    let shapes = output(shapes.cast_mut(), "shapes")?;
+    let inputs = non_null(inputs, "inputs")?;
+    let shapes = non_null(shapes, "shapes")?;
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
         let name = loss.inputs().get(i).map_or_else(|| format!("inputs[{i}]"), |s| s.name.clone());
@@ -396,7 +414,7 @@ pub unsafe extern "C" fn lossc_compile(source: *const c_char, params: *const c_c
         // SAFETY (both): the caller's contract.
         let source = unsafe { text(source, "source") }?;
         let params = if params.is_null() { "" } else { unsafe { text(params, "params") }? };
-        let out = output(out, "out")?;
+        let out = non_null(out, "out")?;
         let loss = crate::Program::parse("<source>", source)?.compile(&crate::parse_params(params)?)?;
         let handle = Loss {
             name: c_string(loss.name()),
@@ -479,7 +497,7 @@ pub unsafe extern "C" fn lossc_show(loss: *const Loss, text_out: *mut *mut c_cha
     boundary(|| {
         // SAFETY: the caller's contract.
         let loss = unsafe { borrow(loss, "loss") }?;
-        let out = output(text_out, "text_out")?;
+        let out = non_null(text_out, "text_out")?;
         // SAFETY: checked non-NULL.
         unsafe { give_string(out, loss.loss.show()) };
         Ok(Status::Ok)
@@ -497,7 +515,7 @@ pub unsafe extern "C" fn lossc_show_grad(loss: *const Loss, text_out: *mut *mut 
     boundary(|| {
         // SAFETY: the caller's contract.
         let loss = unsafe { borrow(loss, "loss") }?;
-        let out = output(text_out, "text_out")?;
+        let out = non_null(text_out, "text_out")?;
         // SAFETY: checked non-NULL.
         unsafe { give_string(out, loss.loss.show_grad()) };
         Ok(Status::Ok)
@@ -586,7 +604,7 @@ pub unsafe extern "C" fn lossc_eval(
     boundary(|| {
         // SAFETY (this block): the caller's contract, as documented above.
         let loss = unsafe { borrow(loss, "loss") }?;
-        let loss_out = output(loss_out, "loss_out")?;
+        let loss_out = non_null(loss_out, "loss_out")?;
         let arrays = unsafe { read_inputs(&loss.loss, inputs, shapes, n_inputs) }?;
         let views: Vec<View> = arrays.iter().map(|&(shape, data)| View::new(shape, data)).collect();
         let mut grads = unsafe { read_grads(grads, &arrays) };
@@ -615,7 +633,7 @@ pub unsafe extern "C" fn lossc_eval_f64(
     boundary(|| {
         // SAFETY (this block): the caller's contract, as documented above.
         let loss = unsafe { borrow(loss, "loss") }?;
-        let loss_out = output(loss_out, "loss_out")?;
+        let loss_out = non_null(loss_out, "loss_out")?;
         let arrays = unsafe { read_inputs(&loss.loss, inputs, shapes, n_inputs) }?;
         let tensors: Vec<Tensor> = arrays.iter().map(|&(shape, data)| Tensor { shape, data: data.to_vec() }).collect();
         let refs: Vec<&Tensor> = tensors.iter().collect();
@@ -655,7 +673,7 @@ pub unsafe extern "C" fn lossc_count_nonfinite(
     boundary(|| {
         // SAFETY (this block): the caller's contract, as documented above.
         let loss = unsafe { borrow(loss, "loss") }?;
-        let counts_out = output(counts_out, "counts_out")?;
+        let counts_out = non_null(counts_out, "counts_out")?;
         let arrays = unsafe { read_inputs(&loss.loss, inputs, shapes, n_inputs) }?;
         loss.loss.extents(&arrays.iter().map(|a| a.0).collect::<Vec<_>>())?;
         let counts: Vec<u64> =
@@ -716,8 +734,8 @@ pub unsafe extern "C" fn lossc_eval_terms(
     boundary(|| {
         // SAFETY (this block): the caller's contract, as documented above.
         let loss = unsafe { borrow(loss, "loss") }?;
-        let terms_out = output(terms_out, "terms_out")?;
-        let loss_out = output(loss_out, "loss_out")?;
+        let terms_out = non_null(terms_out, "terms_out")?;
+        let loss_out = non_null(loss_out, "loss_out")?;
         let terms = &loss.terms().losses;
         if n_terms != terms.len() {
             return Err(Failure::invalid(format!(
