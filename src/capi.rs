@@ -587,7 +587,8 @@ pub extern "C" fn lossc_stdlib_signature(i: usize) -> *const c_char {
 /// `lossc_count_nonfinite` tells which input holds how many. Lossc never keeps or
 /// frees the arrays. The result is bitwise the same for any number of threads, and any
 /// number of threads may evaluate the same loss at once (each with its own gradient
-/// buffers); the work itself runs on lossc's thread pool.
+/// buffers); the work itself runs on lossc's thread pool, as native kernels, or on the
+/// f64 reference evaluator for a loss those cannot run yet.
 ///
 /// # Safety
 /// `loss` is NULL or a live loss; `inputs`, `shapes` and `grads` as described, with
