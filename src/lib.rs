@@ -7,6 +7,7 @@
 
 pub mod autodiff;
 pub mod backend;
+pub mod capi;
 pub mod check;
 pub mod diag;
 pub mod error;

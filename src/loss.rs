@@ -223,6 +223,37 @@ impl Loss {
         self.header() + &print_graph(&self.graph, &roots, &self.input_names()).body + &zero.concat()
     }
 
+    /// The terms of the loss's top-level sum, each compiled as a loss of its own over the
+    /// same inputs (in the same order): `0.5*dice(sigmoid(x), y) + bce_logits(x, y)` has two,
+    /// whose values add up to the loss. A loss that is not a sum is its own single term.
+    /// The terms are those of the simplified graph, as `show` prints them.
+    pub fn terms(&self) -> Vec<Loss> {
+        let mut roots = Vec::new();
+        let mut stack = vec![self.root];
+        while let Some(id) = stack.pop() {
+            let node = self.graph.node(id);
+            if node.op == Op::Add {
+                stack.extend([node.args[1], node.args[0]]);
+            } else {
+                roots.push(id);
+            }
+        }
+        if roots.len() == 1 {
+            return vec![self.clone()];
+        }
+        let term = |(i, root): (usize, NodeId)| {
+            let lowered = check::Lowered {
+                graph: self.graph.clone(),
+                root,
+                inputs: self.inputs.clone(),
+                input_nodes: vec![],
+                hypers: self.hypers.clone(),
+            };
+            Loss::from_lowered(&format!("{}[{i}]", self.name), lowered)
+        };
+        roots.into_iter().enumerate().map(term).collect()
+    }
+
     /// The broadcast `[batch, class, spatial]` extents of these input shapes,
     /// or an error that names the input, both shapes and the rule.
     pub fn extents(&self, shapes: &[[usize; 3]]) -> Result<[usize; 3], Error> {
@@ -384,4 +415,30 @@ pub fn parse_params(text: &str) -> Result<Vec<(String, f64)>, Error> {
         out.push((k.trim().to_string(), v));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn terms_of_a_sum_add_up_to_the_loss() {
+        let loss =
+            Loss::compile("0.5*dice(sigmoid(x), y) + bce_logits(x, y) + 0.1*iou(sigmoid(x), y)", "").expect("compiles");
+        let terms = loss.terms();
+        assert_eq!(terms.len(), 3);
+        let mut rng = crate::synth::Rng::new(3);
+        let inputs = crate::synth::inputs(loss.inputs(), [2, 1, 50], &mut rng);
+        let refs: Vec<&Tensor> = inputs.iter().collect();
+        let sum: f64 = terms.iter().map(|t| t.eval(&refs).expect("a term")).sum();
+        let total = loss.eval(&refs).expect("the loss");
+        assert!((sum - total).abs() < 1e-12, "{sum} vs {total}");
+        for (term, alone) in terms.iter().zip(["0.5*dice(sigmoid(x), y)", "bce_logits(x, y)", "0.1*iou(sigmoid(x), y)"])
+        {
+            let alone = Loss::compile(alone, "").expect("compiles").eval(&refs).expect("evaluates");
+            assert_eq!(term.eval(&refs).expect("a term"), alone);
+        }
+        assert!(terms[1].show().starts_with("loss expr[1](x, y)"), "{}", terms[1].show());
+        assert_eq!(Loss::compile("dice", "").expect("dice").terms().len(), 1);
+    }
 }
