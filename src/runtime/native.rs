@@ -85,6 +85,10 @@ struct Sweep {
     grad_sums: Vec<usize>,
 }
 
+/// A sweep before its kernel is specified: reductions, inputs whose gradients it sums,
+/// and gradients it writes.
+type Planned = (Vec<NodeId>, Vec<usize>, Vec<Write>);
+
 /// A loss compiled for one key: the kernels and what each sweep does.
 struct Compiled {
     kernels: Kernels,
@@ -138,7 +142,7 @@ fn compile(loss: &Loss, key: &Key) -> Result<Compiled, Error> {
         let sum_classes = declared && key.one_row[i] && key.shape.classes > 1;
         writes.push((level[n], Write { input: i, node: *n, rows, sum_classes }));
     }
-    let mut plans: Vec<Option<(Vec<NodeId>, Vec<usize>, Vec<Write>)>> = Vec::new();
+    let mut plans: Vec<Option<Planned>> = Vec::new();
     for k in 0..count {
         let reductions: Vec<NodeId> =
             order.iter().copied().filter(|&id| crosses_elements(g, id) && level[&id] == k + 1).collect();
