@@ -3,8 +3,9 @@
 //! C threads on one loss, the README's minimal example (also through `lossc.pc`), the
 //! C++ trainer, and Python's ctypes.
 //!
-//! `cargo test` builds the library's cdylib and staticlib next to this test's binary
-//! (`target/<profile>/`), so the clients link against the code under test. The C and
+//! The first test to need them builds the library's cdylib and staticlib next to this
+//! test's binary (`target/<profile>/`, with `cargo build --lib`), so the clients link
+//! against the code under test. The C and
 //! C++ compilers, valgrind, pkg-config and python3 are found on `PATH`; a missing one
 //! skips its test with a message, unless `LOSSC_REQUIRE_TOOLS=1` (set by `.ci/run`),
 //! which turns it into a failure.
@@ -26,14 +27,37 @@ fn root(path: &str) -> PathBuf {
     Path::new(ROOT).join(path)
 }
 
-/// `target/<profile>`, where cargo put `liblossc.so` and `liblossc.a` for this run.
+/// `target/<profile>`, holding `liblossc.so` and `liblossc.a` built from this source.
+/// `cargo test` builds the library only as an rlib, so the first call builds the C
+/// products with `cargo build --lib` for the same profile and target folder (quick
+/// when they are up to date; never stale).
 fn lib_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test binary's path");
-    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>").to_path_buf();
-    for lib in ["liblossc.so", "liblossc.a"] {
-        assert!(dir.join(lib).exists(), "{} is missing: run the tests with `cargo test`", dir.join(lib).display());
-    }
-    dir
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let exe = std::env::current_exe().expect("the test binary's path");
+            let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>").to_path_buf();
+            let profile = dir.file_name().and_then(|p| p.to_str()).unwrap_or("debug").to_string();
+            let target = dir.parent().expect("target/<profile>");
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let mut cmd = Command::new(cargo);
+            cmd.current_dir(ROOT).args(["build", "--lib", "--target-dir"]).arg(target);
+            match profile.as_str() {
+                "debug" => {}
+                "release" => {
+                    cmd.arg("--release");
+                }
+                other => {
+                    cmd.args(["--profile", other]);
+                }
+            }
+            run(&mut cmd);
+            for lib in ["liblossc.so", "liblossc.a"] {
+                assert!(dir.join(lib).exists(), "{} is missing after `cargo build --lib`", dir.join(lib).display());
+            }
+            dir
+        })
+        .clone()
 }
 
 /// A fresh scratch folder for one test.
