@@ -205,6 +205,17 @@ impl Math {
         log_specials(b, x, r)
     }
 
+    /// log(x) for an x the caller knows is a positive normal finite number or NaN (a
+    /// clamped probability, say): [`Math::log`] without the denormal and special-value
+    /// paths, NaN still NaN. Within 1 ulp there.
+    pub fn log_normal(self, b: &mut FunctionBuilder, x: Value) -> Value {
+        let (e, f) = split(b, x, false);
+        let r = self.log_reduced(b, e, f, None);
+        let nan = splat(b, f32::NAN);
+        let is_nan = b.ins().fcmp(FloatCC::Unordered, x, x);
+        select(b, is_nan, nan, r)
+    }
+
     /// See [`log1p`].
     pub fn log1p(self, b: &mut FunctionBuilder, x: Value) -> Value {
         let one = splat(b, 1.0);
@@ -934,6 +945,26 @@ mod tests {
     #[test]
     fn log_whole_range() {
         assert!(sweep_unary(case("log"), Math::host(), 97), "beyond the stated bound");
+    }
+
+    /// `log_normal` on every `stride`-th positive normal float, and on NaN.
+    #[test]
+    fn log_normal_on_normal_numbers() {
+        for math in [Math::host(), Math::with_fma(false)] {
+            let kernel = unary_kernel(math, Math::log_normal);
+            let xs: Vec<f32> = (f32::MIN_POSITIVE.to_bits()..f32::MAX.to_bits())
+                .step_by(101)
+                .map(f32::from_bits)
+                .chain([1.0, f32::MAX, f32::MIN_POSITIVE, f32::NAN])
+                .collect();
+            let xs = &xs[..xs.len() / 4 * 4];
+            let mut out = vec![0.0; xs.len()];
+            kernel.run(xs, xs, &mut out);
+            for (&x, &got) in xs.iter().zip(&out) {
+                let err = ulp_error(got, f64::from(x).ln());
+                assert!(err <= case("log").bound(math), "log_normal({x:e}) = {got:e}: {err} ulp");
+            }
+        }
     }
 
     #[test]

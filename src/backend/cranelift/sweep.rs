@@ -752,6 +752,7 @@ impl Emitter<'_> {
         Ok(match op {
             Op::Neg => b.ins().fneg(x[0]),
             Op::Exp => m.exp(b, x[0]),
+            Op::Log if positive_normal(self.g, ids[0]) => m.log_normal(b, x[0]),
             Op::Log => m.log(b, x[0]),
             Op::Log1p => m.log1p(b, x[0]),
             Op::Sqrt => b.ins().sqrt(x[0]),
@@ -802,6 +803,33 @@ impl Emitter<'_> {
             other => return Err(format!("`{}` is not computed by native kernels", other.name())),
         })
     }
+}
+
+/// Whether a value is known to be NaN or a positive normal finite float32, so that its
+/// log needs no denormal or special-value paths: bounds propagated through constants,
+/// min, max, + and - (clamped probabilities and one minus them).
+fn positive_normal(g: &Graph, id: NodeId) -> bool {
+    fn range(g: &Graph, id: NodeId) -> (f64, f64) {
+        let n = g.node(id);
+        let all = (f64::NEG_INFINITY, f64::INFINITY);
+        if let Some(c) = g.constant_value(id) {
+            return (c, c);
+        }
+        if n.args.len() != 2 {
+            return all;
+        }
+        let ((la, ha), (lb, hb)) = (range(g, n.args[0]), range(g, n.args[1]));
+        match n.op {
+            Op::Max => (la.max(lb), ha.max(hb)),
+            Op::Min => (la.min(lb), ha.min(hb)),
+            Op::Add => (la + lb, ha + hb),
+            Op::Sub => (la - hb, ha - lb),
+            _ => all,
+        }
+    }
+    let (lo, hi) = range(g, id);
+    // Margins for float32 rounding of the bounds: far inside the normal range.
+    lo >= 1e-30 && hi <= 1e30
 }
 
 /// Shared parts of sigmoid and softplus within one body, by argument: z = e^-|x|, u = 1 + z
