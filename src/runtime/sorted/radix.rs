@@ -56,51 +56,101 @@ pub fn sort<E: Record>(data: &mut [E], scratch: &mut [E]) {
     // Blocks only split the work; a stable sort's result is the same for any split.
     let block = n.div_ceil(rayon::current_num_threads().max(1)).max(MIN_BLOCK);
     let mut in_data = true;
+    // Each pass counts the next byte as it writes, so only the first needs a read of its own.
+    let mut counts = count(data, 0, block);
     for shift in [0u32, 8, 16, 24] {
+        let next = (shift < 24).then_some(shift + 8);
         let (src, dst): (&[E], &mut [E]) = if in_data { (&*data, &mut *scratch) } else { (&*scratch, &mut *data) };
-        if pass(src, dst, shift, block) {
-            in_data = !in_data;
+        if (0..256).any(|d| counts.iter().map(|c| c[d]).sum::<usize>() == n) {
+            // Every key has the same byte here: nothing moves.
+            if let Some(next) = next {
+                counts = count(src, next, block);
+            }
+            continue;
         }
+        counts = pass(src, dst, shift, block, &counts, next);
+        in_data = !in_data;
     }
     if !in_data {
         data.par_chunks_mut(MIN_BLOCK).zip(scratch.par_chunks(MIN_BLOCK)).for_each(|(d, s)| d.copy_from_slice(s));
     }
 }
 
-/// One counting pass on the byte at `shift`; false (and nothing written) if every
-/// key has the same byte there.
-fn pass<E: Record>(src: &[E], dst: &mut [E], shift: u32, block: usize) -> bool {
-    let digit = |e: &E| ((e.key() >> shift) & 0xff) as usize;
-    let counts: Vec<[usize; 256]> = src
-        .par_chunks(block)
+/// Per block of `block` records, how many have each value of the byte at `shift`.
+fn count<E: Record>(src: &[E], shift: u32, block: usize) -> Vec<[usize; 256]> {
+    src.par_chunks(block)
         .map(|chunk| {
             let mut c = [0usize; 256];
             for e in chunk {
-                c[digit(e)] += 1;
+                c[((e.key() >> shift) & 0xff) as usize] += 1;
             }
             c
         })
-        .collect();
-    let n = src.len();
-    if (0..256).any(|d| counts.iter().map(|c| c[d]).sum::<usize>() == n) {
-        return false;
-    }
-    // Output slices in (digit, block) order: block b's entries with digit d go after
-    // every entry with a smaller digit and after earlier blocks' entries with digit d.
+        .collect()
+}
+
+/// One pass on the byte at `shift`, given each block's counts of it; returns the
+/// counts of the byte at `next` per block of the output (empty if `next` is None).
+fn pass<E: Record>(
+    src: &[E],
+    dst: &mut [E],
+    shift: u32,
+    block: usize,
+    counts: &[[usize; 256]],
+    next: Option<u32>,
+) -> Vec<[usize; 256]> {
+    let digit = |e: &E| ((e.key() >> shift) & 0xff) as usize;
+    let blocks = src.len().div_ceil(block);
+    // Output slices in (digit, block) order: block b's records with digit d go after
+    // every record with a smaller digit and after earlier blocks' records with digit d.
     let mut slices: Vec<Vec<&mut [E]>> = counts.iter().map(|_| Vec::with_capacity(256)).collect();
-    let mut rest = dst;
+    let mut starts: Vec<[usize; 256]> = vec![[0; 256]; counts.len()];
+    let (mut rest, mut at) = (dst, 0);
     for d in 0..256 {
         for (b, c) in counts.iter().enumerate() {
             let (head, tail) = std::mem::take(&mut rest).split_at_mut(c[d]);
             slices[b].push(head);
-            rest = tail;
+            starts[b][d] = at;
+            (rest, at) = (tail, at + c[d]);
         }
     }
-    slices.into_par_iter().zip(src.par_chunks(block)).for_each(|(out, chunk)| {
-        let out: [&mut [E]; 256] = out.try_into().unwrap_or_else(|_| unreachable!("one slice per digit"));
-        scatter(chunk.iter().copied(), out, |e| digit(e));
-    });
-    true
+    let nexts: Vec<Vec<[usize; 256]>> = slices
+        .into_par_iter()
+        .zip(src.par_chunks(block))
+        .zip(&starts)
+        .map(|((out, chunk), start)| {
+            let out: [&mut [E]; 256] = out.try_into().unwrap_or_else(|_| unreachable!("one slice per digit"));
+            let Some(next) = next else {
+                scatter(chunk.iter().copied(), out, digit);
+                return Vec::new();
+            };
+            // Where each digit's next record lands, and the output block that holds it.
+            let mut pos = *start;
+            let mut within: [usize; 256] = std::array::from_fn(|d| pos[d] / block);
+            let mut limit: [usize; 256] = std::array::from_fn(|d| (within[d] + 1) * block);
+            let mut counted = vec![[0usize; 256]; blocks];
+            let mut at = [0usize; 256];
+            for e in chunk {
+                let d = digit(e);
+                out[d][at[d]] = *e;
+                at[d] += 1;
+                if pos[d] == limit[d] {
+                    within[d] += 1;
+                    limit[d] += block;
+                }
+                counted[within[d]][((e.key() >> next) & 0xff) as usize] += 1;
+                pos[d] += 1;
+            }
+            counted
+        })
+        .collect();
+    let mut total = vec![[0usize; 256]; if next.is_some() { blocks } else { 0 }];
+    for part in nexts {
+        for (t, c) in total.iter_mut().zip(part) {
+            t.iter_mut().zip(c).for_each(|(t, c)| *t += c);
+        }
+    }
+    total
 }
 
 /// Appends each record of `records` to `out[bucket(record)]`, in order, each slice
