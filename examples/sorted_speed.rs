@@ -1,8 +1,9 @@
 //! Times lovasz_hinge forward + backward on the sorted engine against a rayon
-//! `par_sort_unstable_by` of as many (f32, u32) pairs, in the same run.
+//! `par_sort_unstable_by` of as many (f32, u32) pairs, in the same run. The gradient
+//! asked for is that of the logits x (as `lossc bench` does), or of x and y with `xy`.
 //!
-//! cargo run --release --example sorted_speed -- [ELEMENTS] [THREADS]
-//! (defaults: 16777216 elements, 2 threads)
+//! cargo run --release --example sorted_speed -- [ELEMENTS] [THREADS] [x|xy]
+//! (defaults: 16777216 elements, 2 threads, x)
 
 use std::time::Instant;
 
@@ -19,6 +20,7 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let n: usize = args.next().map_or(1 << 24, |a| a.parse().expect("ELEMENTS is a number"));
     let threads: usize = args.next().map_or(2, |a| a.parse().expect("THREADS is a number"));
+    let both = args.next().is_some_and(|a| a == "xy");
     let mut rng = Rng::new(7);
     let x: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
     let y: Vec<f32> = (0..n).map(|_| if rng.uniform() < 0.3 { 1.0 } else { 0.0 }).collect();
@@ -30,7 +32,8 @@ fn main() {
         let mut engine = Vec::new();
         for i in 0..7 {
             let t = Instant::now();
-            let value = loss.evaluate(&inputs, &mut [Some(&mut gx), Some(&mut gy)]).expect("evaluates");
+            let grads = if both { [Some(&mut gx[..]), Some(&mut gy[..])] } else { [Some(&mut gx[..]), None] };
+            let value = loss.evaluate(&inputs, &mut { grads }).expect("evaluates");
             let dt = t.elapsed().as_secs_f64();
             println!("lovasz_hinge fwd+bwd run {i}: {:.1} ms (loss {value:.6})", dt * 1e3);
             // The first call maps the engine's buffers (page faults): report it, time the rest.

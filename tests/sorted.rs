@@ -326,3 +326,37 @@ fn nan_and_inf_inputs_give_what_the_reference_gives() {
         }
     }
 }
+
+/// Gathers more inputs than the sort carries in its records (four): the rest are read
+/// at the element indices.
+const USER_FIVE_GATHERS: &str = "loss h(x, a, b, c, d) {
+    sum(sorted (k = x desc, a, b, c, d) {
+        let s = cumsum(a * b + c);
+        sum(k * s * d) / (1 + sum(a))
+    })
+}";
+
+#[test]
+fn inputs_carried_through_the_sort_or_read_at_indices_agree() {
+    let seed: u64 = rand::random();
+    let mut rng = Rng::new(seed);
+    // A label broadcast over classes is read at the element indices; the same labels
+    // given at full size ride in the sort's records. Same value and d/dx, bit for bit.
+    let loss = Loss::compile("lovasz_hinge", "").expect("compiles");
+    let [b, c, s] = [2, 3, 4000];
+    let x: Vec<f32> = (0..b * c * s).map(|_| rng.normal() as f32).collect();
+    let y: Vec<f32> = (0..b * s).map(|_| rng.below(2) as f32).collect();
+    let full: Vec<f32> = (0..b * c * s).map(|i| y[(i / (c * s)) * s + i % s]).collect();
+    let shared = Case { shapes: vec![[b, c, s], [b, 1, s]], data: vec![x.clone(), y] };
+    let carried = Case { shapes: vec![[b, c, s], [b, c, s]], data: vec![x, full] };
+    let (v1, g1) = run(&loss, &shared, &[true, false]);
+    let (v2, g2) = run(&loss, &carried, &[true, false]);
+    assert_eq!(v1.to_bits(), v2.to_bits(), "loss (seed {seed})");
+    assert!(g1[0].iter().zip(&g2[0]).all(|(a, b)| a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits())));
+
+    let five = Loss::compile(USER_FIVE_GATHERS, "").expect("compiles");
+    let n = 20_000;
+    let data: Vec<Vec<f32>> = (0..5).map(|_| (0..n).map(|_| rng.normal() as f32).collect()).collect();
+    let case = Case { shapes: vec![[1, 1, n]; 5], data };
+    agree_all_requests(&five, &case, &format!("five gathered inputs (seed {seed})"));
+}

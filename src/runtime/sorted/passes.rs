@@ -2,16 +2,14 @@
 //! stores what the later passes read.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use rayon::prelude::*;
 
 use crate::ir::{AxisSet, Graph, NodeId, Op};
 use crate::tensor::{Tensor, View};
 
-use super::layout::{Layout, Segment};
-use super::pool::{self, Pooled};
-use super::radix::{self, Entry, Wide};
+use super::perm::{self, split, Sorted};
+use super::pool;
 use super::vm::{At, Column, Loc, Program, Read, Scattered, Sources, CHUNK};
 use super::Kind;
 
@@ -25,7 +23,7 @@ pub struct Cx<'a> {
 
 impl Cx<'_> {
     /// The program computing `roots` from stored values.
-    fn program(&self, roots: &[NodeId]) -> Program {
+    pub fn program(&self, roots: &[NodeId]) -> Program {
         let source = |id: NodeId| -> Option<Read> {
             let n = self.g.node(id);
             match self.kind[&id] {
@@ -45,30 +43,6 @@ impl Cx<'_> {
     }
 }
 
-/// A sort's permutation: for each sorted position, the element's index (and key).
-pub enum Perm {
-    Narrow(Vec<u64>),
-    Wide(Vec<Wide>),
-    Released,
-}
-
-impl Perm {
-    /// The element indices at sorted positions `q0..q0 + len`, into `out`.
-    fn indices(&self, q0: usize, len: usize, out: &mut Vec<usize>) {
-        out.clear();
-        match self {
-            Perm::Narrow(p) => out.extend(p[q0..q0 + len].iter().map(|e| e.index())),
-            Perm::Wide(p) => out.extend(p[q0..q0 + len].iter().map(|e| e.index())),
-            Perm::Released => panic!("invariant: a permutation is read before its release"),
-        }
-    }
-}
-
-pub struct Sorted {
-    pub layout: Layout,
-    pub perm: Perm,
-}
-
 /// The values made so far.
 #[derive(Default)]
 pub struct Store {
@@ -79,7 +53,7 @@ pub struct Store {
 }
 
 impl Store {
-    fn sources<'a>(&'a self, cx: &'a Cx) -> Sources<'a> {
+    pub fn sources<'a>(&'a self, cx: &'a Cx) -> Sources<'a> {
         Sources {
             ext: cx.ext,
             inputs: cx.inputs,
@@ -101,11 +75,7 @@ impl Store {
             }
         }
         if let Some(s) = self.sorts.get_mut(&id) {
-            match std::mem::replace(&mut s.perm, Perm::Released) {
-                Perm::Narrow(p) => pool::give(p),
-                Perm::Wide(p) => pool::give(p),
-                Perm::Released => {}
-            }
+            s.perm.release();
         }
     }
 
@@ -116,17 +86,6 @@ impl Store {
             self.release(id);
         }
     }
-}
-
-/// Cuts `rest` into consecutive pieces of the segments' lengths.
-fn split<'b, T>(mut rest: &'b mut [T], segments: &[Segment]) -> Vec<&'b mut [T]> {
-    let mut out = Vec::with_capacity(segments.len());
-    for s in segments {
-        let (head, tail) = std::mem::take(&mut rest).split_at_mut(s.len);
-        out.push(head);
-        rest = tail;
-    }
-    out
 }
 
 /// `cols[c][k]` regrouped as `out[k][c]`.
@@ -140,7 +99,8 @@ fn transpose<T>(cols: Vec<Vec<T>>, n: usize) -> Vec<Vec<T>> {
     out
 }
 
-fn at(v: &[f64], k: usize) -> f64 {
+/// Value `k` of a slot that holds one value or one per position.
+pub fn at(v: &[f64], k: usize) -> f64 {
     if v.len() == 1 {
         v[0]
     } else {
@@ -148,92 +108,32 @@ fn at(v: &[f64], k: usize) -> f64 {
     }
 }
 
-/// Computes the key, sorts each group, and keeps the permutation.
-pub fn sort(cx: &Cx, store: &Store, id: NodeId) -> Sorted {
-    let n = cx.g.node(id);
-    let Op::Sort { group, descending } = n.op else { panic!("invariant: a sort node") };
-    let layout = Layout::new(cx.ext, group);
-    let prog = cx.program(&[n.args[0]]);
-    let perm = if layout.len() <= 1 << 32 {
-        Perm::Narrow(sort_entries::<u64>(cx, store, &prog, &layout, descending))
-    } else {
-        Perm::Wide(sort_entries::<Wide>(cx, store, &prog, &layout, descending))
-    };
-    Sorted { layout, perm }
-}
-
-fn sort_entries<E: Entry + Pooled>(
-    cx: &Cx,
-    store: &Store,
-    prog: &Program,
-    layout: &Layout,
-    descending: bool,
-) -> Vec<E> {
-    let src = store.sources(cx);
-    let mut entries = pool::take::<E>(layout.len());
-    let pieces = split(&mut entries, &layout.segments);
-    pieces.into_par_iter().zip(layout.segments.par_iter().enumerate()).for_each_init(
-        || (prog.slots(), Vec::new()),
-        |(slots, idx), (out, (si, seg))| {
-            let loc = if layout.unsorted_elements(seg, idx) {
-                Loc::Range { start: layout.element(seg.group, seg.q0 - seg.group * layout.size), len: seg.len }
-            } else {
-                Loc::List(idx)
-            };
-            prog.run(&src, &At { elements: loc, q0: seg.q0, len: seg.len, segment: si }, slots);
-            let key = &slots[prog.outputs[0]];
-            for (k, o) in out.iter_mut().enumerate() {
-                // Rounding to f32 keeps the order (ties it may create keep element order).
-                *o = E::new(radix::ordered_bits(at(key, k) as f32, descending), loc.get(k));
-            }
-        },
-    );
-    let mut scratch = pool::take::<E>(layout.len());
-    entries.par_chunks_mut(layout.size).zip(scratch.par_chunks_mut(layout.size)).for_each(|(d, s)| radix::sort(d, s));
-    pool::give(scratch);
-    entries
-}
-
-/// Gathers element-order values into the sort's order (one column per node). The
-/// values are first computed in element order into one interleaved row per element,
-/// so the gather reads one cache line per position however many values it moves.
+/// Gathers element-order values into the sort's order (one column per node): each
+/// is computed at sorted positions, reading the inputs the sort carried in sorted
+/// order and anything else at the element indices (see `perm`).
 pub fn gather(cx: &Cx, store: &Store, sort: NodeId, nodes: &[NodeId]) -> Vec<Column> {
     let sorted = &store.sorts[&sort];
     let layout = &sorted.layout;
-    let n = layout.len();
-    let p = nodes.len();
     let args: Vec<NodeId> = nodes.iter().map(|&id| cx.g.node(id).args[1]).collect();
     let prog = cx.program(&args);
     let src = store.sources(cx);
-    let mut rows = pool::take::<f64>(n * p);
-    rows.par_chunks_mut(CHUNK * p).enumerate().for_each_init(
-        || prog.slots(),
-        |slots, (k, out)| {
-            let len = out.len() / p;
-            prog.run(&src, &At { elements: Loc::Range { start: k * CHUNK, len }, q0: 0, len, segment: 0 }, slots);
-            for (j, &o) in prog.outputs.iter().enumerate() {
-                let v = &slots[o];
-                for (e, row) in out.chunks_exact_mut(p).enumerate() {
-                    row[j] = at(v, e);
-                }
-            }
-        },
-    );
-    let mut cols: Vec<Vec<f64>> = nodes.iter().map(|_| pool::take::<f64>(n)).collect();
-    let pieces: Vec<Vec<&mut [f64]>> = cols.iter_mut().map(|c| split(c, &layout.segments)).collect();
-    transpose(pieces, layout.segments.len()).into_par_iter().zip(layout.segments.par_iter()).for_each_init(
-        Vec::new,
-        |idx, (mut outs, seg)| {
+    let mut cols: Vec<Vec<f64>> = nodes.iter().map(|_| pool::take::<f64>(layout.len())).collect();
+    let pieces: Vec<Vec<&mut [f64]>> = cols.iter_mut().map(|c| split(c, &layout.segments, 1)).collect();
+    transpose(pieces, layout.segments.len()).into_par_iter().zip(layout.segments.par_iter().enumerate()).for_each_init(
+        || (prog.slots(), Vec::new(), Vec::new()),
+        |(slots, idx, carried), (outs, (si, seg))| {
             sorted.perm.indices(seg.q0, seg.len, idx);
-            for (k, &i) in idx.iter().enumerate() {
-                let row = &rows[i * p..(i + 1) * p];
-                for (out, v) in outs.iter_mut().zip(row) {
-                    out[k] = *v;
+            sorted.perm.carried(seg.q0, seg.len, carried);
+            let at_chunk = At { elements: Loc::List(idx), q0: seg.q0, len: seg.len, segment: si, carried };
+            prog.run(&src, &at_chunk, slots);
+            for (out, &o) in outs.into_iter().zip(&prog.outputs) {
+                let v = &slots[o];
+                for (k, x) in out.iter_mut().enumerate() {
+                    *x = at(v, k);
                 }
             }
         },
     );
-    pool::give(rows);
     cols.into_iter().map(|data| Column { data, carry: None }).collect()
 }
 
@@ -259,10 +159,14 @@ pub fn along(cx: &Cx, store: &mut Store, sort: NodeId, nodes: &[NodeId]) {
     let n = layout.len();
     let is_scan = |op: &Op| matches!(op, Op::Cumsum | Op::RevCumsum | Op::Prev(_) | Op::Next);
     let mut cols: Vec<Vec<f64>> = ops.iter().filter(|op| is_scan(op)).map(|_| pool::take::<f64>(n)).collect();
+    // Scattered values are staged in sorted order, interleaved, then put in element order.
     let stride = ops.iter().filter(|op| **op == Op::Scatter).count();
-    let scattered: Vec<AtomicU64> = if stride > 0 { pool::take(n * stride) } else { Vec::new() };
+    let mut staged: Vec<f64> = if stride > 0 { pool::take(n * stride) } else { Vec::new() };
     let src = store.sources(cx);
-    let pieces: Vec<Vec<&mut [f64]>> = cols.iter_mut().map(|c| split(c, segments)).collect();
+    let mut pieces: Vec<Vec<&mut [f64]>> = cols.iter_mut().map(|c| split(c, segments, 1)).collect();
+    if stride > 0 {
+        pieces.push(split(&mut staged, segments, stride));
+    }
     // Per segment: a scan's total or edge value, a sum's partial (0 for scatters).
     let extras: Vec<Vec<f64>> = transpose(pieces, segments.len())
         .into_par_iter()
@@ -271,9 +175,9 @@ pub fn along(cx: &Cx, store: &mut Store, sort: NodeId, nodes: &[NodeId]) {
             || prog.slots(),
             |slots, (mut outs, (si, seg))| {
                 let point = [layout.point(seg.group)];
-                prog.run(&src, &At { elements: Loc::List(&point), q0: seg.q0, len: seg.len, segment: si }, slots);
+                let at_chunk = At { elements: Loc::List(&point), q0: seg.q0, len: seg.len, segment: si, carried: &[] };
+                prog.run(&src, &at_chunk, slots);
                 let (mut col, mut sc) = (0, 0);
-                let mut idx = Vec::new();
                 let mut extra = Vec::with_capacity(ops.len());
                 for (op, &o) in ops.iter().zip(&prog.outputs) {
                     let v = &slots[o];
@@ -285,14 +189,11 @@ pub fn along(cx: &Cx, store: &mut Store, sort: NodeId, nodes: &[NodeId]) {
                             scan_segment(*op, v, out)
                         }
                         Op::Scatter => {
-                            let offset = sc;
+                            let staged = outs.last_mut().expect("invariant: scatters have a staging piece");
+                            for (k, row) in staged.chunks_exact_mut(stride).enumerate() {
+                                row[sc] = at(v, k);
+                            }
                             sc += 1;
-                            if offset == 0 {
-                                sorted.perm.indices(seg.q0, len, &mut idx);
-                            }
-                            for (k, &i) in idx.iter().enumerate() {
-                                scattered[i * stride + offset].store(at(v, k).to_bits(), Ordering::Relaxed);
-                            }
                             0.0
                         }
                         _ => sum(v, len),
@@ -304,6 +205,8 @@ pub fn along(cx: &Cx, store: &mut Store, sort: NodeId, nodes: &[NodeId]) {
         .collect();
     // Fix-ups in segment order: scan carries, segment edges, per-group sums.
     let mut col = cols.into_iter();
+    let scattered = if stride > 0 { perm::unsort(&sorted.perm, &staged, stride) } else { Vec::new() };
+    pool::give(staged);
     let (buf, mut offset) = (std::sync::Arc::new(scattered), 0);
     for (j, (&id, op)) in nodes.iter().zip(&ops).enumerate() {
         let first = |si: usize| segments[si].q0 == segments[si].group * layout.size;
@@ -559,7 +462,7 @@ fn reduce(cx: &Cx, store: &Store, prog: &Program, d: [usize; 3], over: AxisSet, 
                         let cs = if over.has_index(1) { 0..d[1] } else { oc..oc + 1 };
                         for c in cs {
                             let start = (b * ext[1] + c) * ext[2] + s0;
-                            prog.run(&src, &At { elements: Loc::Range { start, len }, q0: 0, len, segment: 0 }, slots);
+                            prog.run(&src, &At::elements(Loc::Range { start, len }, len), slots);
                             let v = &slots[out];
                             for (k, a) in acc.iter_mut().enumerate() {
                                 *a = a.merge(Acc::of(&[at(v, k)], 1, lse));
@@ -583,7 +486,7 @@ fn reduce(cx: &Cx, store: &Store, prog: &Program, d: [usize; 3], over: AxisSet, 
             |(slots, idx), &j0| {
                 let len = CHUNK.min(total - j0);
                 let loc = domain_loc(d, ext, j0, len, idx);
-                prog.run(&src, &At { elements: loc, q0: 0, len, segment: 0 }, slots);
+                prog.run(&src, &At::elements(loc, len), slots);
                 let v = &slots[out];
                 let mut part = Vec::new();
                 let mut k = 0;
@@ -625,7 +528,7 @@ pub fn write(cx: &Cx, store: &Store, node: NodeId, axes: AxisSet, shape: [usize;
         || (prog.slots(), Vec::new()),
         |(slots, idx), (k, out)| {
             let loc = domain_loc(shape, ext, k * CHUNK, out.len(), idx);
-            prog.run(&src, &At { elements: loc, q0: 0, len: out.len(), segment: 0 }, slots);
+            prog.run(&src, &At::elements(loc, out.len()), slots);
             let v = &slots[prog.outputs[0]];
             for (i, o) in out.iter_mut().enumerate() {
                 *o = at(v, i) as f32;

@@ -8,7 +8,6 @@
 //! all of it. The pool keeps at most `KEEP` buffers of each type, so it holds about
 //! what one call needs at once. `clear` frees them.
 
-use std::sync::atomic::AtomicU64;
 use std::sync::Mutex;
 
 use super::radix::Wide;
@@ -31,7 +30,7 @@ macro_rules! pooled {
         }
     )*};
 }
-pooled!(f64, u64, Wide, AtomicU64);
+pooled!(f64, u32, u64, Wide);
 
 /// A buffer of `n` values (stale, or default-filled if newly allocated).
 pub fn take<T: Pooled>(n: usize) -> Vec<T> {
@@ -41,7 +40,7 @@ pub fn take<T: Pooled>(n: usize) -> Vec<T> {
         let best = pool.iter().enumerate().filter(|(_, v)| v.capacity() >= n).min_by_key(|(_, v)| v.capacity());
         best.map(|(i, _)| i).map(|i| pool.swap_remove(i))
     };
-    let mut v = found.unwrap_or_default();
+    let mut v = found.unwrap_or_else(|| fresh(n));
     if v.len() > n {
         v.truncate(n);
     } else {
@@ -49,6 +48,35 @@ pub fn take<T: Pooled>(n: usize) -> Vec<T> {
     }
     v
 }
+
+/// An empty buffer with room for `n` values, its pages not yet touched, and (on Linux)
+/// marked for transparent huge pages before they are: the engine reads and writes
+/// these buffers through permutations, and with 4 KiB pages nearly every such access
+/// misses the TLB (measured here: a random gather from 2 MiB pages took 0.65 of the time).
+fn fresh<T>(n: usize) -> Vec<T> {
+    let v: Vec<T> = Vec::with_capacity(n);
+    advise_huge(v.as_ptr().cast(), n * std::mem::size_of::<T>());
+    v
+}
+
+#[cfg(target_os = "linux")]
+fn advise_huge(p: *const u8, len: usize) {
+    const MADV_HUGEPAGE: std::ffi::c_int = 14;
+    extern "C" {
+        fn madvise(addr: *mut std::ffi::c_void, len: usize, advice: std::ffi::c_int) -> std::ffi::c_int;
+    }
+    const PAGE: usize = 4096;
+    let (start, end) = ((p as usize).next_multiple_of(PAGE), (p as usize + len) / PAGE * PAGE);
+    if end > start {
+        // SAFETY: the range lies inside one live allocation of ours (rounded inwards to
+        // whole pages); MADV_HUGEPAGE only changes how its pages are backed, never their
+        // contents, and a failure (no THP support) leaves the buffer as it was.
+        unsafe { madvise(start as *mut std::ffi::c_void, end - start, MADV_HUGEPAGE) };
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn advise_huge(_: *const u8, _: usize) {}
 
 /// Returns a buffer to the pool (or frees it if the pool is full).
 pub fn give<T: Pooled>(v: Vec<T>) {
@@ -71,7 +99,7 @@ pub fn clear() {
         T::pool().lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
     drain::<f64>();
+    drain::<u32>();
     drain::<u64>();
     drain::<Wide>();
-    drain::<AtomicU64>();
 }

@@ -9,7 +9,6 @@
 //! Every op is computed in f64, with the reference evaluator's scalar meaning.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::ir::{Graph, NodeId, Op};
 use crate::tensor::{Tensor, View};
@@ -41,9 +40,9 @@ pub struct Column {
 }
 
 /// Scatter results, several interleaved in one buffer (value `offset` of each row of
-/// `stride`), so that a scatter pass writes one cache line per element, not several.
+/// `stride`), so that a scatter writes one cache line per element, not several.
 pub struct Scattered {
-    pub buf: std::sync::Arc<Vec<AtomicU64>>,
+    pub buf: std::sync::Arc<Vec<f64>>,
     pub stride: usize,
     pub offset: usize,
 }
@@ -74,13 +73,23 @@ impl Loc<'_> {
 }
 
 /// Where a chunk is: element-order values are read at `elements`; sorted-order
-/// values at positions `q0..q0 + len` of segment number `segment`.
+/// values at positions `q0..q0 + len` of segment number `segment`. `carried` holds
+/// inputs already read at `elements` (carried through a sort in sorted order), as
+/// (input index, one value per element): these are read from there, not the input.
 #[derive(Clone, Copy, Debug)]
 pub struct At<'a> {
     pub elements: Loc<'a>,
     pub q0: usize,
     pub len: usize,
     pub segment: usize,
+    pub carried: &'a [(usize, Vec<f32>)],
+}
+
+impl<'a> At<'a> {
+    /// A chunk of element positions only (no sorted-order values, nothing carried).
+    pub fn elements(elements: Loc<'a>, len: usize) -> At<'a> {
+        At { elements, q0: 0, len, segment: 0, carried: &[] }
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -203,6 +212,10 @@ fn read(src: &Sources, r: Read, at: &At, out: &mut Vec<f64>) {
     let ext = src.ext;
     match r {
         Read::Input(i) => {
+            if let Some((_, vals)) = at.carried.iter().find(|(j, _)| *j == i) {
+                out.extend(vals.iter().map(|&v| f64::from(v)));
+                return;
+            }
             let v = &src.inputs[i];
             read_elements(v.shape, ext, &at.elements, out, |o| f64::from(v.data[o]));
         }
@@ -212,7 +225,7 @@ fn read(src: &Sources, r: Read, at: &At, out: &mut Vec<f64>) {
         }
         Read::Scattered(id) => {
             let Scattered { buf, stride, offset } = &src.scattered[&id];
-            let get = |o: usize| f64::from_bits(buf[o * stride + offset].load(Ordering::Relaxed));
+            let get = |o: usize| buf[o * stride + offset];
             read_elements(ext, ext, &at.elements, out, get);
         }
         Read::ClassIndex => read_elements([1, ext[1], 1], ext, &at.elements, out, |o| o as f64),
