@@ -102,7 +102,7 @@ pub fn schedule(loss: &Loss) -> Plan {
 
 /// Inputs streamed to evaluate `roots` in the sweep after `done` finished sweeps:
 /// results of earlier sweeps are read as scalars, not streamed.
-fn inputs_read(g: &Graph, roots: &[NodeId], level: &HashMap<NodeId, usize>, done: usize) -> BTreeSet<usize> {
+pub fn inputs_read(g: &Graph, roots: &[NodeId], level: &HashMap<NodeId, usize>, done: usize) -> BTreeSet<usize> {
     let mut out = BTreeSet::new();
     let mut stack = roots.to_vec();
     let mut seen = BTreeSet::new();

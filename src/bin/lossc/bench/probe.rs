@@ -3,11 +3,10 @@
 //! and a parallel sort of as many (key, index) pairs as a sorting loss sorts.
 
 use std::collections::BTreeSet;
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use lossc::ir::{AxisSet, Graph, NodeId, Op};
-use lossc::schedule::{crosses_elements, levels};
+use lossc::ir::{AxisSet, Op};
+use lossc::schedule::{crosses_elements, inputs_read, levels};
 use lossc::Loss;
 use rayon::prelude::*;
 
@@ -43,24 +42,6 @@ pub fn traffic(loss: &Loss) -> Vec<Traffic> {
         sweeps[k].reads.extend(inputs_read(g, &[n], &level, k));
     }
     sweeps
-}
-
-/// Inputs streamed to evaluate `roots` after `done` finished sweeps: the results of
-/// earlier sweeps are scalars by then, and their operands are not read again.
-fn inputs_read(g: &Graph, roots: &[NodeId], level: &HashMap<NodeId, usize>, done: usize) -> BTreeSet<usize> {
-    let mut out = BTreeSet::new();
-    let mut seen = BTreeSet::new();
-    let mut stack = roots.to_vec();
-    while let Some(id) = stack.pop() {
-        if !seen.insert(id) || (crosses_elements(g, id) && level[&id] <= done) {
-            continue;
-        }
-        if let Op::Input { index, .. } = g.node(id).op {
-            out.insert(index as usize);
-        }
-        stack.extend(g.node(id).args.iter().copied());
-    }
-    out
 }
 
 /// Bytes the sweeps move as float32: each streamed input once per sweep that reads it,
