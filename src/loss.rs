@@ -362,6 +362,18 @@ impl Loss {
         runtime::evaluate(self, backend, inputs, grads)
     }
 
+    /// The loss and all its gradients as PTX for an NVIDIA GPU (`sm`: `"sm_70"`, `"sm_80"`
+    /// or `"sm_90"`), for inputs of `classes` classes at full size: see
+    /// `backend::ptx` for the kernels, their parameters and their launch order.
+    pub fn emit_ptx(&self, sm: &str, classes: usize) -> Result<crate::backend::ptx::Program, Error> {
+        use crate::backend::ptx;
+        let target = ptx::Target::parse(sm).map_err(Error::Params)?;
+        if classes == 0 {
+            return Err(Error::Shape("the class count must be at least 1".into()));
+        }
+        ptx::emit(self, &ptx::Layout::full(self, classes), target)
+    }
+
     /// The loss value, by the f64 reference evaluator.
     pub fn eval(&self, inputs: &[&Tensor]) -> Result<f64, Error> {
         let ext = self.checked_extents(inputs)?;

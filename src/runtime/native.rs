@@ -69,20 +69,40 @@ fn roots(loss: &Loss, want: &[bool]) -> Vec<NodeId> {
 
 /// What a loss is compiled for.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct Key {
-    shape: Shape,
+pub(crate) struct Key {
+    pub shape: Shape,
     /// Per input: given with one class row.
-    one_row: Vec<bool>,
-    want: Vec<bool>,
+    pub one_row: Vec<bool>,
+    pub want: Vec<bool>,
 }
 
 /// One sweep: its kernel and what its sums are.
-struct Sweep {
-    spec: SweepSpec,
+pub(crate) struct Sweep {
+    pub spec: SweepSpec,
     /// The reduction nodes computed by the first sums.
-    reductions: Vec<NodeId>,
+    pub reductions: Vec<NodeId>,
     /// The inputs (broadcast along positions) whose gradients the remaining sums are.
-    grad_sums: Vec<usize>,
+    pub grad_sums: Vec<usize>,
+}
+
+/// The sweeps of a loss for one key, as kernel specs: what every backend renders.
+pub(crate) struct SweepPlan {
+    /// Per sweep: what it computes, or `None` when it only runs the tail.
+    pub sweeps: Vec<Option<Sweep>>,
+    pub level: HashMap<NodeId, usize>,
+    /// Every node the loss and the wanted gradients need, in topological order.
+    pub order: Vec<NodeId>,
+}
+
+/// How a backend wants its sweeps planned.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PlanOptions {
+    /// Carry the costliest value a gradient sweep would compute again from the sweep
+    /// before, in a gradient buffer (worth it where transcendentals are dear: the CPU).
+    pub stash: bool,
+    /// Write a gradient that does not vary over positions in a sweep too, instead of
+    /// leaving it to the caller (a GPU has no host loop to broadcast it).
+    pub write_uniform: bool,
 }
 
 /// A sweep before its kernel is specified: reductions, inputs whose gradients it sums,
@@ -118,6 +138,14 @@ impl std::fmt::Debug for Cache {
 }
 
 fn compile(loss: &Loss, key: &Key) -> Result<Compiled, Error> {
+    let SweepPlan { sweeps, level, order } = plan(loss, key, PlanOptions { stash: true, write_uniform: false });
+    let specs: Vec<SweepSpec> = sweeps.iter().flatten().map(|s| s.spec.clone()).collect();
+    let kernels = sweep::compile(loss.graph(), &specs, &key.shape).map_err(Error::Unsupported)?;
+    Ok(Compiled { kernels, sweeps, level, order, fixed: key.shape.spatial_broadcast.clone() })
+}
+
+/// Cuts the loss and its wanted gradients into sweep specs for `key`.
+pub(crate) fn plan(loss: &Loss, key: &Key, options: PlanOptions) -> SweepPlan {
     let g = loss.graph();
     let roots = roots(loss, &key.want);
     let level = levels(g, &roots);
@@ -128,7 +156,8 @@ fn compile(loss: &Loss, key: &Key) -> Result<Compiled, Error> {
     for (i, (node, &w)) in loss.gradient_nodes().iter().zip(&key.want).enumerate() {
         let Some(n) = node.filter(|_| w) else { continue };
         let n = &n;
-        if !streamed(g, *n) {
+        let uniform = !streamed(g, *n);
+        if uniform && !(options.write_uniform && loss.inputs()[i].axes.has_index(2)) {
             count = count.max(level[n]);
             continue;
         }
@@ -158,7 +187,7 @@ fn compile(loss: &Loss, key: &Key) -> Result<Compiled, Error> {
     // Where a gradient sweep would compute again an expensive value of the sweep before
     // it, the earlier sweep leaves that value in the gradient's buffer.
     let mut stashes: Vec<Vec<(NodeId, usize)>> = vec![Vec::new(); count];
-    for k in 1..count {
+    for k in (1..count).filter(|_| options.stash) {
         let (Some(before), Some(now)) = (&plans[k - 1], &plans[k]) else { continue };
         let first = SweepSpec::new(g, sums_of(&before.0, &before.1), before.2.clone(), vec![]).body(g);
         let second = SweepSpec::new(g, sums_of(&now.0, &now.1), now.2.clone(), vec![]).body(g);
@@ -182,9 +211,7 @@ fn compile(loss: &Loss, key: &Key) -> Result<Compiled, Error> {
             })
         })
         .collect();
-    let specs: Vec<SweepSpec> = sweeps.iter().flatten().map(|s| s.spec.clone()).collect();
-    let kernels = sweep::compile(g, &specs, &key.shape).map_err(Error::Unsupported)?;
-    Ok(Compiled { kernels, sweeps, level, order, fixed: key.shape.spatial_broadcast.clone() })
+    SweepPlan { sweeps, level, order }
 }
 
 /// The value to carry from one sweep to the next in a gradient buffer, with the index of

@@ -52,6 +52,21 @@ enum Command {
         #[arg(long)]
         threads: Option<usize>,
     },
+    /// Print the loss and its gradients as code for another machine (`--ptx`: NVIDIA GPUs).
+    Emit {
+        source: String,
+        /// PTX text: the kernels, with their parameters and launch order in comments.
+        #[arg(long, required = true)]
+        ptx: bool,
+        /// The GPU architecture: 70 (Volta), 80 (Ampere) or 90 (Hopper).
+        #[arg(long, default_value = "80")]
+        sm: String,
+        /// The class count the kernels are specialised to.
+        #[arg(long, default_value_t = 1)]
+        classes: usize,
+        #[arg(long, default_value = "")]
+        params: String,
+    },
     /// List the standard losses with their signatures.
     List,
     /// Time forward+backward against a memory-bandwidth probe and a baseline, in one run.
@@ -81,6 +96,7 @@ fn main() -> ExitCode {
             set_threads(threads).and_then(|()| eval(&source, &params, &inputs, &grads, backend))
         }
         Command::Bench(args) => bench::run(&args).map_err(Failure),
+        Command::Emit { source, ptx: _, sm, classes, params } => emit(&source, &sm, classes, &params),
         Command::List => {
             list();
             Ok(())
@@ -126,6 +142,12 @@ fn program(source: &str) -> Result<Program, Failure> {
 
 fn compile(source: &str, params: &str) -> Result<Loss, Failure> {
     Ok(program(source)?.compile(&lossc::parse_params(params)?)?)
+}
+
+fn emit(source: &str, sm: &str, classes: usize, params: &str) -> Result<(), Failure> {
+    let loss = compile(source, params)?;
+    print!("{}", loss.emit_ptx(sm, classes)?.text);
+    Ok(())
 }
 
 fn check(source: &str) -> Result<(), Failure> {
