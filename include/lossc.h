@@ -54,6 +54,14 @@ typedef enum {
    * A bug in lossc (a caught panic); please report the message.
    */
   LOSSC_STATUS_INTERNAL = 8,
+  /**
+   * The GPU path cannot run here: no CUDA driver could be loaded, or it sees no device.
+   */
+  LOSSC_STATUS_NO_DEVICE = 9,
+  /**
+   * A CUDA driver call failed (the message names the call and the driver's error).
+   */
+  LOSSC_STATUS_DEVICE = 10,
 } lossc_status;
 
 /**
@@ -85,8 +93,8 @@ const char *lossc_version(void);
 
 /**
  * A short name for a status ("ok", "parse", "check", "params", "shape",
- * "null_argument", "invalid_argument", "backend", "internal"; "unknown" for any other
- * value). A static string: never free it. May be called from any thread at any time.
+ * "null_argument", "invalid_argument", "backend", "internal", "no_device", "device";
+ * "unknown" for any other value). A static string: never free it. May be called from any thread at any time.
  */
 const char *lossc_status_name(int status);
 
@@ -300,6 +308,62 @@ lossc_status lossc_eval_terms(const lossc_loss *loss,
                               double *terms_out,
                               size_t n_terms,
                               double *loss_out);
+
+/**
+ * The loss and all its gradients as PTX for an NVIDIA GPU: `sm` is "sm_70", "sm_80" or
+ * "sm_90". On success `*ptx_out` receives the module text (freed with
+ * `lossc_string_free`), ready for `cuModuleLoadData`. Its leading comments say which
+ * kernels to launch in which order, with which grid and parameters, and how large a
+ * workspace they need (the same description as in docs/backend.md). The kernels are for
+ * inputs with one class row (binary losses; `lossc_emit_ptx_classes` specialises them to
+ * C classes). Sort-based losses (Lovász) fail with `LOSSC_STATUS_BACKEND`: lossc has no
+ * GPU sort. May run concurrently with any other call on the same loss except `lossc_free`.
+ *
+ * # Safety
+ * `loss` is NULL or a live loss; `sm` NULL or a NUL-terminated string; `ptx_out` NULL or
+ * writable.
+ */
+lossc_status lossc_emit_ptx(const lossc_loss *loss, const char *sm, char **ptx_out);
+
+/**
+ * `lossc_emit_ptx` for inputs of `classes` class rows (the class loop is unrolled:
+ * multiclass losses such as `dice_multiclass` need the count). `classes` is 1 to 64.
+ *
+ * # Safety
+ * As for `lossc_emit_ptx`.
+ */
+lossc_status lossc_emit_ptx_classes(const lossc_loss *loss,
+                                    const char *sm,
+                                    int64_t classes,
+                                    char **ptx_out);
+
+/**
+ * Evaluates the loss and its gradients on an NVIDIA GPU, through the CUDA driver, which
+ * lossc loads at run time (`libcuda.so.1`; the library itself never links CUDA).
+ *
+ * Arguments as for `lossc_eval`, except that `inputs[i]` and `grads[i]` are **device**
+ * pointers (`CUdeviceptr` cast to a pointer) and `stream` is the `CUstream` to run on
+ * (NULL: the default stream). `*loss_out` is written on the host once the kernels are done
+ * (the call synchronises `stream`). The kernels run in the context current on the calling
+ * thread (a PyTorch or CUDA-runtime trainer's), else in device 0's primary context; they
+ * are compiled on first use per loss, layout and context, and cached in the loss. The
+ * result is bitwise the same run to run on one device. Sort-based losses fail with
+ * `LOSSC_STATUS_BACKEND`. Without a driver or a device: `LOSSC_STATUS_NO_DEVICE`, and a
+ * failing driver call gives `LOSSC_STATUS_DEVICE` with the call and the driver's message.
+ *
+ * # Safety
+ * `loss` is NULL or a live loss; `shapes` holds `n_inputs` shapes; `inputs` (and `grads`
+ * if not NULL) hold `n_inputs` device pointers to arrays of the sizes the shapes give, in
+ * the current context; `loss_out` NULL or writable; `stream` NULL or a live stream of that
+ * context.
+ */
+lossc_status lossc_eval_cuda(const lossc_loss *loss,
+                             const float *const *inputs,
+                             const lossc_shape *shapes,
+                             size_t n_inputs,
+                             double *loss_out,
+                             float *const *grads,
+                             void *stream);
 
 #ifdef __cplusplus
 }  // extern "C"

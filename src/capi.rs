@@ -48,6 +48,10 @@ pub enum Status {
     Backend = 7,
     /// A bug in lossc (a caught panic); please report the message.
     Internal = 8,
+    /// The GPU path cannot run here: no CUDA driver could be loaded, or it sees no device.
+    NoDevice = 9,
+    /// A CUDA driver call failed (the message names the call and the driver's error).
+    Device = 10,
 }
 
 /// The extents of one input in the `[batch, class, spatial]` model: a contiguous
@@ -116,6 +120,8 @@ impl From<Error> for Failure {
             Error::Params(_) => Status::Params,
             Error::Shape(_) => Status::Shape,
             Error::Unsupported(_) => Status::Backend,
+            Error::NoDevice(_) => Status::NoDevice,
+            Error::Device(_) => Status::Device,
         };
         Failure { status, message: e.render() }
     }
@@ -339,8 +345,8 @@ pub extern "C" fn lossc_version() -> *const c_char {
 }
 
 /// A short name for a status ("ok", "parse", "check", "params", "shape",
-/// "null_argument", "invalid_argument", "backend", "internal"; "unknown" for any other
-/// value). A static string: never free it. May be called from any thread at any time.
+/// "null_argument", "invalid_argument", "backend", "internal", "no_device", "device";
+/// "unknown" for any other value). A static string: never free it. May be called from any thread at any time.
 #[no_mangle]
 pub extern "C" fn lossc_status_name(status: c_int) -> *const c_char {
     boundary(|| {
@@ -354,6 +360,8 @@ pub extern "C" fn lossc_status_name(status: c_int) -> *const c_char {
             6 => c"invalid_argument",
             7 => c"backend",
             8 => c"internal",
+            9 => c"no_device",
+            10 => c"device",
             _ => c"unknown",
         };
         Ok(name.as_ptr())
@@ -755,6 +763,112 @@ pub unsafe extern "C" fn lossc_eval_terms(
     })
 }
 
+// ---------------------------------------------------------------------------
+// NVIDIA GPUs: PTX for trainers that launch it themselves, and a CUDA path.
+// ---------------------------------------------------------------------------
+
+/// The loss and all its gradients as PTX for an NVIDIA GPU: `sm` is "sm_70", "sm_80" or
+/// "sm_90". On success `*ptx_out` receives the module text (freed with
+/// `lossc_string_free`), ready for `cuModuleLoadData`. Its leading comments say which
+/// kernels to launch in which order, with which grid and parameters, and how large a
+/// workspace they need (the same description as in docs/backend.md). The kernels are for
+/// inputs with one class row (binary losses; `lossc_emit_ptx_classes` specialises them to
+/// C classes). Sort-based losses (Lovász) fail with `LOSSC_STATUS_BACKEND`: lossc has no
+/// GPU sort. May run concurrently with any other call on the same loss except `lossc_free`.
+///
+/// # Safety
+/// `loss` is NULL or a live loss; `sm` NULL or a NUL-terminated string; `ptx_out` NULL or
+/// writable.
+#[no_mangle]
+pub unsafe extern "C" fn lossc_emit_ptx(loss: *const Loss, sm: *const c_char, ptx_out: *mut *mut c_char) -> Status {
+    // SAFETY: the caller's contract, passed on.
+    unsafe { lossc_emit_ptx_classes(loss, sm, 1, ptx_out) }
+}
+
+/// `lossc_emit_ptx` for inputs of `classes` class rows (the class loop is unrolled:
+/// multiclass losses such as `dice_multiclass` need the count). `classes` is 1 to 64.
+///
+/// # Safety
+/// As for `lossc_emit_ptx`.
+#[no_mangle]
+pub unsafe extern "C" fn lossc_emit_ptx_classes(
+    loss: *const Loss,
+    sm: *const c_char,
+    classes: i64,
+    ptx_out: *mut *mut c_char,
+) -> Status {
+    boundary(|| {
+        // SAFETY (this block): the caller's contract, as documented above.
+        let loss = unsafe { borrow(loss, "loss") }?;
+        let sm = unsafe { text(sm, "sm") }?;
+        let out = non_null(ptx_out, "ptx_out")?;
+        crate::backend::ptx::Target::parse(sm).map_err(Failure::invalid)?;
+        let classes = usize::try_from(classes)
+            .ok()
+            .filter(|c| (1..=crate::runtime::native::MAX_CLASSES).contains(c))
+            .ok_or_else(|| Failure::invalid(format!("`classes` is {classes}; it must be 1 to 64")))?;
+        let program = loss.loss.emit_ptx(sm, classes)?;
+        unsafe { give_string(out, program.text) };
+        Ok(Status::Ok)
+    })
+}
+
+/// Evaluates the loss and its gradients on an NVIDIA GPU, through the CUDA driver, which
+/// lossc loads at run time (`libcuda.so.1`; the library itself never links CUDA).
+///
+/// Arguments as for `lossc_eval`, except that `inputs[i]` and `grads[i]` are **device**
+/// pointers (`CUdeviceptr` cast to a pointer) and `stream` is the `CUstream` to run on
+/// (NULL: the default stream). `*loss_out` is written on the host once the kernels are done
+/// (the call synchronises `stream`). The kernels run in the context current on the calling
+/// thread (a PyTorch or CUDA-runtime trainer's), else in device 0's primary context; they
+/// are compiled on first use per loss, layout and context, and cached in the loss. The
+/// result is bitwise the same run to run on one device. Sort-based losses fail with
+/// `LOSSC_STATUS_BACKEND`. Without a driver or a device: `LOSSC_STATUS_NO_DEVICE`, and a
+/// failing driver call gives `LOSSC_STATUS_DEVICE` with the call and the driver's message.
+///
+/// # Safety
+/// `loss` is NULL or a live loss; `shapes` holds `n_inputs` shapes; `inputs` (and `grads`
+/// if not NULL) hold `n_inputs` device pointers to arrays of the sizes the shapes give, in
+/// the current context; `loss_out` NULL or writable; `stream` NULL or a live stream of that
+/// context.
+#[no_mangle]
+pub unsafe extern "C" fn lossc_eval_cuda(
+    loss: *const Loss,
+    inputs: *const *const f32,
+    shapes: *const Shape,
+    n_inputs: usize,
+    loss_out: *mut f64,
+    grads: *const *mut f32,
+    stream: *mut std::ffi::c_void,
+) -> Status {
+    boundary(|| {
+        // SAFETY (this block): the caller's contract, as documented above.
+        let loss = unsafe { borrow(loss, "loss") }?;
+        let loss_out = non_null(loss_out, "loss_out")?;
+        let mut arrays = Vec::with_capacity(n_inputs);
+        if n_inputs > 0 {
+            let inputs = non_null(inputs, "inputs")?;
+            let shapes = non_null(shapes, "shapes")?;
+            for i in 0..n_inputs {
+                let name = loss.loss.inputs().get(i).map_or_else(|| format!("inputs[{i}]"), |s| s.name.clone());
+                let (data, shape) = unsafe { (*inputs.add(i), *shapes.add(i)) };
+                let (shape, _) = extents::<f32>(shape, &name)?;
+                if data.is_null() {
+                    return Err(Failure::new(
+                        Status::NullArgument,
+                        format!("error: `inputs[{i}]` (input `{name}`) is NULL\n"),
+                    ));
+                }
+                let grad = if grads.is_null() { std::ptr::null_mut() } else { unsafe { *grads.add(i) } };
+                arrays.push(crate::runtime::gpu::DeviceArray { shape, data: data as u64, grad: grad as u64 });
+            }
+        }
+        let value = crate::runtime::gpu::evaluate(&loss.loss, &arrays, stream as usize)?;
+        unsafe { *loss_out = value };
+        Ok(Status::Ok)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -798,6 +912,8 @@ mod tests {
         assert_eq!(status("dice", "nosuch=1"), Status::Params);
         assert_eq!(Failure::from(Error::Shape("s".into())).status, Status::Shape);
         assert_eq!(Failure::from(Error::Unsupported("u".into())).status, Status::Backend);
+        assert_eq!(Failure::from(Error::NoDevice("n".into())).status, Status::NoDevice);
+        assert_eq!(Failure::from(Error::Device("d".into())).status, Status::Device);
     }
 
     #[test]

@@ -16,6 +16,12 @@ pub enum Error {
     /// Something this backend cannot run yet.
     #[error("not supported: {0}")]
     Unsupported(String),
+    /// The GPU path cannot run here: no CUDA driver, or no device.
+    #[error("no GPU: {0}")]
+    NoDevice(String),
+    /// A CUDA driver call failed.
+    #[error("CUDA: {0}")]
+    Device(String),
 }
 
 impl Error {

@@ -125,6 +125,7 @@ pub struct Loss {
     hypers: Vec<(String, f64)>,
     /// Native kernels compiled so far, by shape.
     native: runtime::native::Cache,
+    gpu: runtime::gpu::Cache,
 }
 
 impl Loss {
@@ -164,6 +165,7 @@ impl Loss {
             inputs: lowered.inputs,
             hypers: lowered.hypers,
             native: runtime::native::Cache::default(),
+            gpu: runtime::gpu::Cache::default(),
         }
     }
 
@@ -184,6 +186,9 @@ impl Loss {
     }
     pub fn gradient_nodes(&self) -> &[Option<NodeId>] {
         &self.grads
+    }
+    pub(crate) fn gpu_cache(&self) -> &runtime::gpu::Cache {
+        &self.gpu
     }
     pub(crate) fn native_cache(&self) -> &runtime::native::Cache {
         &self.native

@@ -12,6 +12,7 @@
 
 pub mod blocked;
 pub mod cuda;
+pub mod gpu;
 pub mod native;
 pub mod sorted;
 

@@ -16,11 +16,13 @@
  * and at the end `show LEN` and `show_grad LEN`, each followed by a newline and LEN
  * bytes: the Rust API's canonical text of the first case's loss.
  */
+#define _POSIX_C_SOURCE 200809L /* access() */
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "lossc.h"
 
@@ -475,6 +477,60 @@ static void check_accessors(const char *show_ref, const char *show_grad_ref) {
     CHECK(lossc_stdlib_name(n) == NULL && lossc_stdlib_signature(n) == NULL, "stdlib past the end");
 }
 
+/* PTX for a GPU, and the CUDA path, which on a machine without an NVIDIA driver or device
+ * must say so with LOSSC_STATUS_NO_DEVICE. */
+static void check_gpu(void) {
+    lossc_loss *loss = NULL;
+    lossc_status st = lossc_compile("dice", NULL, &loss);
+    CHECK(st == LOSSC_STATUS_OK, "compile dice");
+    char *ptx = NULL;
+    st = lossc_emit_ptx(loss, "sm_80", &ptx);
+    CHECK(st == LOSSC_STATUS_OK && ptx && strstr(ptx, ".target sm_80") && strstr(ptx, ".visible .entry lossc_sweep_2("),
+          "emit_ptx: %s", ptx ? ptx : lossc_last_error());
+    lossc_string_free(ptx);
+    ptx = NULL;
+    st = lossc_emit_ptx_classes(loss, "sm_90", 4, &ptx);
+    CHECK(st == LOSSC_STATUS_OK && ptx && strstr(ptx, "C = 4 classes"), "emit_ptx_classes: %s",
+          ptx ? "wrong text" : lossc_last_error());
+    lossc_string_free(ptx);
+    ptx = NULL;
+    st = lossc_emit_ptx(loss, "sm_75", &ptx);
+    expect_failure(st, LOSSC_STATUS_INVALID_ARGUMENT, "sm_70, sm_80 or sm_90", "emit_ptx: unknown target");
+    st = lossc_emit_ptx_classes(loss, "sm_80", 0, &ptx);
+    expect_failure(st, LOSSC_STATUS_INVALID_ARGUMENT, "`classes`", "emit_ptx_classes: 0 classes");
+    st = lossc_emit_ptx(loss, NULL, &ptx);
+    expect_failure(st, LOSSC_STATUS_NULL_ARGUMENT, "`sm`", "emit_ptx: NULL sm");
+    st = lossc_emit_ptx(loss, "sm_80", NULL);
+    expect_failure(st, LOSSC_STATUS_NULL_ARGUMENT, "`ptx_out`", "emit_ptx: NULL ptx_out");
+    CHECK(ptx == NULL, "no output on failure");
+
+    /* Device pointers that are never dereferenced: every check below fails before a launch. */
+    const float *inputs[2] = {(const float *)0x1000, (const float *)0x2000};
+    float *grads[2] = {(float *)0x3000, NULL};
+    lossc_shape shapes[2] = {{2, 1, 64}, {2, 1, 64}};
+    double value = -1.0;
+    st = lossc_eval_cuda(loss, inputs, shapes, 2, NULL, grads, NULL);
+    expect_failure(st, LOSSC_STATUS_NULL_ARGUMENT, "`loss_out`", "eval_cuda: NULL loss_out");
+    lossc_shape bad[2] = {{2, 1, 64}, {3, 1, 64}};
+    st = lossc_eval_cuda(loss, inputs, bad, 2, &value, grads, NULL);
+    CHECK(st == LOSSC_STATUS_SHAPE, "eval_cuda: mismatched shapes: %s", lossc_status_name((int)st));
+    if (access("/dev/nvidiactl", F_OK) != 0) {
+        st = lossc_eval_cuda(loss, inputs, shapes, 2, &value, grads, NULL);
+        expect_failure(st, LOSSC_STATUS_NO_DEVICE, "no GPU", "eval_cuda without a device");
+        CHECK(value == -1.0, "loss_out untouched on failure");
+        CHECK(strcmp(lossc_status_name(LOSSC_STATUS_NO_DEVICE), "no_device") == 0, "status name no_device");
+    }
+    lossc_free(loss);
+    lossc_loss *lovasz = NULL;
+    st = lossc_compile("lovasz_hinge", NULL, &lovasz);
+    CHECK(st == LOSSC_STATUS_OK, "compile lovasz_hinge");
+    st = lossc_emit_ptx(lovasz, "sm_80", &ptx);
+    expect_failure(st, LOSSC_STATUS_BACKEND, "do not run on the GPU", "emit_ptx: lovasz");
+    st = lossc_eval_cuda(lovasz, inputs, shapes, 2, &value, grads, NULL);
+    expect_failure(st, LOSSC_STATUS_BACKEND, "do not run on the GPU", "eval_cuda: lovasz");
+    lossc_free(lovasz);
+}
+
 int main(int argc, char **argv) {
     if (argc != 2) {
         fprintf(stderr, "usage: %s FIXTURE\n", argv[0]);
@@ -502,6 +558,7 @@ int main(int argc, char **argv) {
     check_eval_errors(&cases[0]);
     check_compile_errors();
     check_accessors(show_ref, show_grad_ref);
+    check_gpu();
 
     for (long k = 0; k < n_cases; k++) free_case(&cases[k]);
     free(cases);

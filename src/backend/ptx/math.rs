@@ -7,6 +7,7 @@
 //!   `lg2.approx`, whose absolute error of 2^-22 is at most 1e-6 relative to |log x| > 0.22;
 //! - sigmoid, softplus and tanh from those, without overflow for large |x|; pow as
 //!   exp(y log|x|) with the sign and special cases of `powf`.
+//!
 //! NaN propagates through all of them, as in the reference evaluator.
 
 use super::asm::{f32_imm, Asm, Kind};

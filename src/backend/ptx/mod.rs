@@ -10,10 +10,12 @@
 //!   warp shuffles and then its 8 warps in shared memory, in a fixed order, and writes
 //!   one partial per (batch item, block x, sum) into the workspace. It also writes the
 //!   gradients the plan gives that sweep.
+//!
 //! - A **tail** kernel runs one block: its threads add the partials of each (batch item,
 //!   sum) over the G blocks in block order, then thread 0 evaluates in f64 the small
 //!   values the next sweep needs (the sums' functions, per batch item and class) and,
 //!   after the last sweep, the loss value.
+//!
 //! No float atomics anywhere: for a given `G` the result is bitwise the same run to run
 //! (and independent of `Y`).
 //!
