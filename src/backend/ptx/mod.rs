@@ -366,7 +366,7 @@ impl Emitter<'_> {
     /// The address of a table cell: `ws + 8 (1 + t B C + b C + c)`.
     fn table_addr(&self, a: &mut Asm, p: &Params, t: usize, b: &str, c: usize) -> String {
         let cc = self.layout.classes;
-        let tb = a.def(Kind::B64, "mul.lo.u64", &format!("{}, {}", p.b, t * cc));
+        let tb = a.def(Kind::B64, "mul.lo.u64", &format!("{}, {t}", p.b));
         let row = a.def(Kind::B64, "add.u64", &format!("{tb}, {b}"));
         let idx = a.def(Kind::B64, "mad.lo.u64", &format!("{row}, {cc}, {}", 1 + c));
         a.def(Kind::B64, "mad.lo.u64", &format!("{idx}, 8, {}", p.ws))
