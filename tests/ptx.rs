@@ -38,8 +38,7 @@ fn ptxas_assembles_every_stdlib_loss_for_every_target() {
     std::fs::create_dir_all(&dir).expect("temp dir");
     let losses = stdlib_losses();
     assert!(losses.len() >= 30, "{}", losses.len());
-    let mut assembled = 0;
-    let mut failures = Vec::new();
+    let mut jobs = Vec::new();
     for loss in losses.iter().filter(|l| !has_sort(l)) {
         for sm in Target::SUPPORTED {
             // Binary and multiclass: the class loop is unrolled, so 4 classes is other code.
@@ -48,16 +47,30 @@ fn ptxas_assembles_every_stdlib_loss_for_every_target() {
                     loss.emit_ptx(&format!("sm_{sm}"), classes).unwrap_or_else(|e| panic!("{}: {e}", loss.name()));
                 let file = dir.join(format!("{}_{sm}_{classes}.ptx", loss.name()));
                 std::fs::write(&file, &program.text).expect("write ptx");
-                let out = Command::new(&ptxas)
+                jobs.push((format!("{} sm_{sm} C={classes}", loss.name()), sm, file));
+            }
+        }
+    }
+    let assembled = jobs.len();
+    let mut failures = Vec::new();
+    // A few assemblers at a time: most of the time is process start-up.
+    for chunk in jobs.chunks(8) {
+        let children: Vec<_> = chunk
+            .iter()
+            .map(|(_, sm, file)| {
+                Command::new(&ptxas)
                     .args([format!("-arch=sm_{sm}").as_str(), "-o", "/dev/null"])
-                    .arg(&file)
-                    .output()
-                    .expect("run ptxas");
-                let stderr = String::from_utf8_lossy(&out.stderr);
-                if !out.status.success() || stderr.contains("error") {
-                    failures.push(format!("{} sm_{sm} C={classes}: {}\n{stderr}", loss.name(), out.status));
-                }
-                assembled += 1;
+                    .arg(file)
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .expect("run ptxas")
+            })
+            .collect();
+        for ((what, _, _), child) in chunk.iter().zip(children) {
+            let out = child.wait_with_output().expect("ptxas runs");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            if !out.status.success() || stderr.contains("error") {
+                failures.push(format!("{what}: {}\n{stderr}", out.status));
             }
         }
     }

@@ -284,6 +284,14 @@ fn header(loss: &Loss, layout: &Layout, target: Target, p: &Program) -> String {
     out
 }
 
+/// A sweep's row addresses for the current batch item: inputs by (input, class), the
+/// gradient rows of each write, and the rows of gradients that are zero.
+struct Rows<'a> {
+    inputs: &'a HashMap<(usize, usize), String>,
+    writes: &'a [Vec<String>],
+    zeros: &'a [Vec<String>],
+}
+
 /// The kernel parameters, loaded (pointers converted to the global window).
 struct Params {
     inputs: Vec<String>,
@@ -399,7 +407,8 @@ impl Emitter<'_> {
         let cc = self.layout.classes;
         let mut a = Asm::default();
         let p = self.params(&mut a);
-        a.note(format!("sweep {k}: one thread per position, blocks strided over positions and batch items"));
+        let body = spec.body(g);
+        a.note(format!("sweep {k}: blocks strided over positions and batch items"));
         let tid32 = a.def(Kind::B32, "mov.u32", "%tid.x");
         let tid = a.def(Kind::B64, "cvt.u64.u32", &tid32);
         let bx = {
@@ -421,6 +430,7 @@ impl Emitter<'_> {
         let first = a.def(Kind::B64, "mad.lo.u64", &format!("{bx}, {THREADS}, {tid}"));
         let step = a.def(Kind::B64, "mul.lo.u64", &format!("{}, {THREADS}", p.g));
         let zero = a.def(Kind::B64, "mov.u64", "0");
+        let aligned = self.aligned(&mut a, &p, spec, &body, zeros);
         let b = a.def(Kind::B64, "mov.u64", &by);
         let items = a.label("items");
         a.place(&items);
@@ -437,7 +447,6 @@ impl Emitter<'_> {
                 values.insert((id, c), a.def(Kind::F32, "cvt.rn.f32.f64", &d));
             }
         }
-        let body = spec.body(g);
         let mut rows: HashMap<(usize, usize), String> = HashMap::new();
         for &id in &body {
             if let Op::Input { index, .. } = g.node(id).op {
@@ -462,78 +471,16 @@ impl Emitter<'_> {
             .collect();
         let acc: Vec<String> = (0..cells).map(|_| a.f64(0.0)).collect();
 
-        let s = a.def(Kind::B64, "mov.u64", &first);
-        let positions = a.label("positions");
+        // Four positions per thread with vector loads where every row is 16-byte aligned
+        // (S a multiple of 4 and aligned buffers), else one position per thread.
         let reduce = a.label("reduce");
-        a.place(&positions);
-        let past = a.def(Kind::Pred, "setp.ge.u64", &format!("{s}, {}", p.s));
-        a.op(format!("@{past} bra {reduce}"));
-        let off = a.def(Kind::B64, "shl.b64", &format!("{s}, 2"));
-        let at = |a: &mut Asm, row: &str| a.def(Kind::B64, "add.u64", &format!("{row}, {off}"));
-        for &id in &body {
-            let node = g.node(id);
-            let n = self.classes(id);
-            match node.op {
-                Op::Input { index, .. } => {
-                    for c in 0..n {
-                        let addr = at(&mut a, &rows[&(index as usize, c)]);
-                        values.insert((id, c), a.def(Kind::F32, "ld.global.nc.f32", &format!("[{addr}]")));
-                    }
-                }
-                Op::Sum(over) if over == AxisSet::CLASS => {
-                    let x = node.args[0];
-                    let v = self.class_sum(&mut a, Ty::F32, &values, x);
-                    values.insert((id, 0), v);
-                }
-                Op::LogSumExp(over) if over == AxisSet::CLASS => {
-                    let x = node.args[0];
-                    let xs: Vec<String> =
-                        (0..self.classes(x)).map(|c| self.value(&mut a, Ty::F32, &values, x, c)).collect();
-                    let v = log_sum_exp(&mut a, Ty::F32, &xs, if xs.len() == 1 { cc } else { 1 });
-                    values.insert((id, 0), v);
-                }
-                op => {
-                    for c in 0..n {
-                        let args: Vec<String> =
-                            node.args.iter().map(|&x| self.value(&mut a, Ty::F32, &values, x, c)).collect();
-                        let v = elementwise(&mut a, Ty::F32, g, op, &node.args, &args);
-                        values.insert((id, c), v);
-                    }
-                }
-            }
-        }
-        let mut cell = 0;
-        for &x in &spec.sums {
-            for c in 0..self.classes(x) {
-                let v = self.value(&mut a, Ty::F32, &values, x, c);
-                let d = a.def(Kind::F64, "cvt.f64.f32", &v);
-                a.op(format!("add.rn.f64 {0}, {0}, {d}", acc[cell]));
-                cell += 1;
-            }
-        }
-        for (w, list) in spec.writes.iter().zip(&write_rows) {
-            for (r, row) in list.iter().enumerate() {
-                let v = if w.sum_classes {
-                    let n = self.classes(w.node);
-                    if n == 1 {
-                        let x = self.value(&mut a, Ty::F32, &values, w.node, 0);
-                        a.def(Kind::F32, "mul.rn.f32", &format!("{x}, {}", f32_imm(cc as f32)))
-                    } else {
-                        self.class_sum(&mut a, Ty::F32, &values, w.node)
-                    }
-                } else {
-                    self.value(&mut a, Ty::F32, &values, w.node, r)
-                };
-                let addr = at(&mut a, row);
-                a.op(format!("st.global.f32 [{addr}], {v}"));
-            }
-        }
-        for row in zero_rows.iter().flatten() {
-            let addr = at(&mut a, row);
-            a.op(format!("st.global.f32 [{addr}], {}", f32_imm(0.0)));
-        }
-        a.op(format!("add.u64 {s}, {s}, {step}"));
-        a.op(format!("bra {positions}"));
+        let scalar = a.label("scalar");
+        a.op(format!("@!{aligned} bra {scalar}"));
+        let rows_view = Rows { inputs: &rows, writes: &write_rows, zeros: &zero_rows };
+        let groups = a.def(Kind::B64, "shr.u64", &format!("{}, 2", p.s));
+        self.position_loop(&mut a, spec, &body, &values, &rows_view, &acc, &first, &step, &groups, 4, &reduce);
+        a.place(&scalar);
+        self.position_loop(&mut a, spec, &body, &values, &rows_view, &acc, &first, &step, &p.s, 1, &reduce);
 
         a.place(&reduce);
         if cells > 0 {
@@ -550,6 +497,139 @@ impl Emitter<'_> {
         a.place(&done);
         a.op("ret");
         format!("{}{}{}}}\n", self.signature(&format!("lossc_sweep_{k}")), shared_decl(cells), a.finish())
+    }
+
+    /// Whether the vector path applies: S is a multiple of 4 and every buffer the sweep
+    /// streams starts on 16 bytes (then so does every row).
+    fn aligned(&self, a: &mut Asm, p: &Params, spec: &SweepSpec, body: &[NodeId], zeros: &[usize]) -> String {
+        let mut bits = a.def(Kind::B64, "and.b64", &format!("{}, 3", p.s));
+        let mut merge = |a: &mut Asm, ptr: &str| {
+            let low = a.def(Kind::B64, "and.b64", &format!("{ptr}, 15"));
+            bits = a.def(Kind::B64, "or.b64", &format!("{bits}, {low}"));
+        };
+        for &id in body {
+            if let Op::Input { index, .. } = self.g.node(id).op {
+                merge(a, &p.inputs[index as usize]);
+            }
+        }
+        for i in spec.writes.iter().map(|w| w.input).chain(zeros.iter().copied()) {
+            merge(a, &p.grads[i]);
+        }
+        a.def(Kind::Pred, "setp.eq.u64", &format!("{bits}, 0"))
+    }
+
+    /// The loop over this thread's positions of one batch item, `lanes` (1 or 4)
+    /// consecutive positions per step: group `first`, then every `step` groups, while below
+    /// `groups`. Computes the body per position, adds the sums to `acc` in position order
+    /// and stores the gradients; then jumps to `done`.
+    #[allow(clippy::too_many_arguments)]
+    fn position_loop(
+        &self,
+        a: &mut Asm,
+        spec: &SweepSpec,
+        body: &[NodeId],
+        hoisted: &HashMap<(NodeId, usize), String>,
+        rows: &Rows,
+        acc: &[String],
+        first: &str,
+        step: &str,
+        groups: &str,
+        lanes: usize,
+        done: &str,
+    ) {
+        let g = self.g;
+        let cc = self.layout.classes;
+        let (load, store) = if lanes == 4 {
+            ("ld.global.nc.v4.f32", "st.global.v4.f32")
+        } else {
+            ("ld.global.nc.f32", "st.global.f32")
+        };
+        let at_group = a.def(Kind::B64, "mov.u64", first);
+        let top = a.label(if lanes == 4 { "groups" } else { "positions" });
+        a.place(&top);
+        let past = a.def(Kind::Pred, "setp.ge.u64", &format!("{at_group}, {groups}"));
+        a.op(format!("@{past} bra {done}"));
+        let off = a.def(Kind::B64, "shl.b64", &format!("{at_group}, {}", if lanes == 4 { 4 } else { 2 }));
+        let at = |a: &mut Asm, row: &str| a.def(Kind::B64, "add.u64", &format!("{row}, {off}"));
+        // A vector of `lanes` registers, as PTX writes it.
+        let vector =
+            |regs: &[String]| if regs.len() == 1 { regs[0].clone() } else { format!("{{{}}}", regs.join(", ")) };
+        let mut per_lane: Vec<HashMap<(NodeId, usize), String>> = vec![hoisted.clone(); lanes];
+        for &id in body {
+            let node = g.node(id);
+            let n = self.classes(id);
+            if let Op::Input { index, .. } = node.op {
+                for c in 0..n {
+                    let addr = at(a, &rows.inputs[&(index as usize, c)]);
+                    let regs: Vec<String> = (0..lanes).map(|_| a.reg(Kind::F32)).collect();
+                    a.op(format!("{load} {}, [{addr}]", vector(&regs)));
+                    for (values, r) in per_lane.iter_mut().zip(regs) {
+                        values.insert((id, c), r);
+                    }
+                }
+                continue;
+            }
+            for values in per_lane.iter_mut() {
+                match node.op {
+                    Op::Sum(over) if over == AxisSet::CLASS => {
+                        let v = self.class_sum(a, Ty::F32, values, node.args[0]);
+                        values.insert((id, 0), v);
+                    }
+                    Op::LogSumExp(over) if over == AxisSet::CLASS => {
+                        let x = node.args[0];
+                        let xs: Vec<String> =
+                            (0..self.classes(x)).map(|c| self.value(a, Ty::F32, values, x, c)).collect();
+                        let v = log_sum_exp(a, Ty::F32, &xs, if xs.len() == 1 { cc } else { 1 });
+                        values.insert((id, 0), v);
+                    }
+                    op => {
+                        for c in 0..n {
+                            let args: Vec<String> =
+                                node.args.iter().map(|&x| self.value(a, Ty::F32, values, x, c)).collect();
+                            let v = elementwise(a, Ty::F32, g, op, &node.args, &args);
+                            values.insert((id, c), v);
+                        }
+                    }
+                }
+            }
+        }
+        for values in &per_lane {
+            let mut cell = 0;
+            for &x in &spec.sums {
+                for c in 0..self.classes(x) {
+                    let v = self.value(a, Ty::F32, values, x, c);
+                    let d = a.def(Kind::F64, "cvt.f64.f32", &v);
+                    a.op(format!("add.rn.f64 {0}, {0}, {d}", acc[cell]));
+                    cell += 1;
+                }
+            }
+        }
+        for (w, list) in spec.writes.iter().zip(rows.writes) {
+            for (r, row) in list.iter().enumerate() {
+                let regs: Vec<String> = per_lane
+                    .iter()
+                    .map(|values| {
+                        if !w.sum_classes {
+                            self.value(a, Ty::F32, values, w.node, r)
+                        } else if self.classes(w.node) == 1 {
+                            let x = self.value(a, Ty::F32, values, w.node, 0);
+                            a.def(Kind::F32, "mul.rn.f32", &format!("{x}, {}", f32_imm(cc as f32)))
+                        } else {
+                            self.class_sum(a, Ty::F32, values, w.node)
+                        }
+                    })
+                    .collect();
+                let addr = at(a, row);
+                a.op(format!("{store} [{addr}], {}", vector(&regs)));
+            }
+        }
+        for row in rows.zeros.iter().flatten() {
+            let addr = at(a, row);
+            let zero = a.f32(0.0);
+            a.op(format!("{store} [{addr}], {}", vector(&vec![zero; lanes])));
+        }
+        a.op(format!("add.u64 {at_group}, {at_group}, {step}"));
+        a.op(format!("bra {top}"));
     }
 
     /// The address of row (batch item `b`, class `c`) of input `i`'s layout in `ptr`.
