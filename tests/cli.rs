@@ -230,3 +230,17 @@ fn npy_headers_are_validated_and_bools_read() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(stdout(&o).trim(), "0.75");
 }
+
+#[test]
+fn emit_ptx() {
+    let o = lossc(&["emit", "--ptx", "--sm", "90", "tversky"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(text.contains(".target sm_90") && text.contains(".visible .entry lossc_sweep_2("), "{text}");
+    let o = lossc(&["emit", "--ptx", "--classes", "3", "dice_multiclass"]);
+    assert!(o.status.success() && stdout(&o).contains("C = 3 classes"), "{}", stderr(&o));
+    let o = lossc(&["emit", "--ptx", "lovasz_hinge"]);
+    assert!(!o.status.success() && stderr(&o).contains("do not run on the GPU"), "{}", stderr(&o));
+    let o = lossc(&["emit", "--ptx", "--sm", "61", "dice"]);
+    assert!(!o.status.success() && stderr(&o).contains("sm_70, sm_80 or sm_90"), "{}", stderr(&o));
+}
