@@ -160,50 +160,256 @@ enum ShflMode {
 
 #[derive(Clone, Copy, Debug)]
 enum Op {
-    LdParam { d: u32, param: u32 },
-    Special { d: u32, s: Special },
-    MovP { d: u32, s: u32 },
-    MovU32 { d: u32, s: Src<u32> },
-    MovU64 { d: u32, s: Src<u64> },
-    MovF32 { d: u32, s: Src<f32> },
-    MovF64 { d: u32, s: Src<f64> },
-    CvtU64U32 { d: u32, s: Src<u32> },
-    CvtU32U64 { d: u32, s: Src<u64> },
-    CvtF64F32 { d: u32, s: Src<f32> },
-    CvtF32F64 { d: u32, s: Src<f64> },
-    CvtF64U64 { d: u32, s: Src<u64> },
-    F32Bin { op: FBin, d: u32, a: Src<f32>, b: Src<f32> },
-    F64Bin { op: FBin, d: u32, a: Src<f64>, b: Src<f64> },
-    F32Un { op: FUn, d: u32, a: Src<f32> },
-    F64Un { op: FUn, d: u32, a: Src<f64> },
-    Fma32 { d: u32, a: Src<f32>, b: Src<f32>, c: Src<f32> },
-    Fma64 { d: u32, a: Src<f64>, b: Src<f64>, c: Src<f64> },
-    SelpF32 { d: u32, a: Src<f32>, b: Src<f32>, p: u32 },
-    SelpF64 { d: u32, a: Src<f64>, b: Src<f64>, p: u32 },
-    SelpU32 { d: u32, a: Src<u32>, b: Src<u32>, p: u32 },
-    SelpU64 { d: u32, a: Src<u64>, b: Src<u64>, p: u32 },
-    SetpF32 { c: FCmp, d: u32, a: Src<f32>, b: Src<f32> },
-    SetpF64 { c: FCmp, d: u32, a: Src<f64>, b: Src<f64> },
-    SetpU32 { c: UCmp, d: u32, a: Src<u32>, b: Src<u32> },
-    SetpU64 { c: UCmp, d: u32, a: Src<u64>, b: Src<u64> },
-    NanF32 { d: u32, a: Src<f32> },
-    NanF64 { d: u32, a: Src<f64> },
-    Pred { op: PBin, d: u32, a: u32, b: u32 },
-    NotP { d: u32, a: u32 },
-    I32 { op: IBin, d: u32, a: Src<u32>, b: Src<u32> },
-    I64 { op: IBin, d: u32, a: Src<u64>, b: Src<u64> },
-    Shift32 { left: bool, d: u32, a: Src<u32>, b: Src<u32> },
-    Shift64 { left: bool, d: u32, a: Src<u64>, b: Src<u32> },
-    Mad64 { d: u32, a: Src<u64>, b: Src<u64>, c: Src<u64> },
-    LdF32 { space: Space, d: u32, addr: Src<u64>, off: i64 },
-    LdF64 { space: Space, d: u32, addr: Src<u64>, off: i64 },
-    StF32 { space: Space, addr: Src<u64>, off: i64, v: Src<f32> },
-    StF64 { space: Space, addr: Src<u64>, off: i64, v: Src<f64> },
-    Split { lo: u32, hi: u32, s: Wide },
-    Join { d: Wide, lo: Src<u32>, hi: Src<u32> },
-    Shfl { mode: ShflMode, d: u32, a: Src<u32>, b: Src<u32>, c: Src<u32> },
+    LdParam {
+        d: u32,
+        param: u32,
+    },
+    Special {
+        d: u32,
+        s: Special,
+    },
+    MovP {
+        d: u32,
+        s: u32,
+    },
+    MovU32 {
+        d: u32,
+        s: Src<u32>,
+    },
+    MovU64 {
+        d: u32,
+        s: Src<u64>,
+    },
+    MovF32 {
+        d: u32,
+        s: Src<f32>,
+    },
+    MovF64 {
+        d: u32,
+        s: Src<f64>,
+    },
+    CvtU64U32 {
+        d: u32,
+        s: Src<u32>,
+    },
+    CvtU32U64 {
+        d: u32,
+        s: Src<u64>,
+    },
+    CvtF64F32 {
+        d: u32,
+        s: Src<f32>,
+    },
+    CvtF32F64 {
+        d: u32,
+        s: Src<f64>,
+    },
+    CvtF64U64 {
+        d: u32,
+        s: Src<u64>,
+    },
+    F32Bin {
+        op: FBin,
+        d: u32,
+        a: Src<f32>,
+        b: Src<f32>,
+    },
+    F64Bin {
+        op: FBin,
+        d: u32,
+        a: Src<f64>,
+        b: Src<f64>,
+    },
+    F32Un {
+        op: FUn,
+        d: u32,
+        a: Src<f32>,
+    },
+    F64Un {
+        op: FUn,
+        d: u32,
+        a: Src<f64>,
+    },
+    Fma32 {
+        d: u32,
+        a: Src<f32>,
+        b: Src<f32>,
+        c: Src<f32>,
+    },
+    Fma64 {
+        d: u32,
+        a: Src<f64>,
+        b: Src<f64>,
+        c: Src<f64>,
+    },
+    SelpF32 {
+        d: u32,
+        a: Src<f32>,
+        b: Src<f32>,
+        p: u32,
+    },
+    SelpF64 {
+        d: u32,
+        a: Src<f64>,
+        b: Src<f64>,
+        p: u32,
+    },
+    SelpU32 {
+        d: u32,
+        a: Src<u32>,
+        b: Src<u32>,
+        p: u32,
+    },
+    SelpU64 {
+        d: u32,
+        a: Src<u64>,
+        b: Src<u64>,
+        p: u32,
+    },
+    SetpF32 {
+        c: FCmp,
+        d: u32,
+        a: Src<f32>,
+        b: Src<f32>,
+    },
+    SetpF64 {
+        c: FCmp,
+        d: u32,
+        a: Src<f64>,
+        b: Src<f64>,
+    },
+    SetpU32 {
+        c: UCmp,
+        d: u32,
+        a: Src<u32>,
+        b: Src<u32>,
+    },
+    SetpU64 {
+        c: UCmp,
+        d: u32,
+        a: Src<u64>,
+        b: Src<u64>,
+    },
+    NanF32 {
+        d: u32,
+        a: Src<f32>,
+    },
+    NanF64 {
+        d: u32,
+        a: Src<f64>,
+    },
+    Pred {
+        op: PBin,
+        d: u32,
+        a: u32,
+        b: u32,
+    },
+    NotP {
+        d: u32,
+        a: u32,
+    },
+    I32 {
+        op: IBin,
+        d: u32,
+        a: Src<u32>,
+        b: Src<u32>,
+    },
+    I64 {
+        op: IBin,
+        d: u32,
+        a: Src<u64>,
+        b: Src<u64>,
+    },
+    Shift32 {
+        left: bool,
+        d: u32,
+        a: Src<u32>,
+        b: Src<u32>,
+    },
+    Shift64 {
+        left: bool,
+        d: u32,
+        a: Src<u64>,
+        b: Src<u32>,
+    },
+    Mad64 {
+        d: u32,
+        a: Src<u64>,
+        b: Src<u64>,
+        c: Src<u64>,
+    },
+    LdF32 {
+        space: Space,
+        d: u32,
+        addr: Src<u64>,
+        off: i64,
+    },
+    LdF64 {
+        space: Space,
+        d: u32,
+        addr: Src<u64>,
+        off: i64,
+    },
+    StF32 {
+        space: Space,
+        addr: Src<u64>,
+        off: i64,
+        v: Src<f32>,
+    },
+    StF64 {
+        space: Space,
+        addr: Src<u64>,
+        off: i64,
+        v: Src<f64>,
+    },
+    /// `ld.v2.f32` and `ld.v4.f32`: `n` registers from `n` consecutive floats, aligned to all of them.
+    LdVF32 {
+        space: Space,
+        n: u8,
+        d: [u32; 4],
+        addr: Src<u64>,
+        off: i64,
+    },
+    LdVF64 {
+        space: Space,
+        d: [u32; 2],
+        addr: Src<u64>,
+        off: i64,
+    },
+    StVF32 {
+        space: Space,
+        n: u8,
+        v: [Src<f32>; 4],
+        addr: Src<u64>,
+        off: i64,
+    },
+    StVF64 {
+        space: Space,
+        v: [Src<f64>; 2],
+        addr: Src<u64>,
+        off: i64,
+    },
+    Split {
+        lo: u32,
+        hi: u32,
+        s: Wide,
+    },
+    Join {
+        d: Wide,
+        lo: Src<u32>,
+        hi: Src<u32>,
+    },
+    Shfl {
+        mode: ShflMode,
+        d: u32,
+        a: Src<u32>,
+        b: Src<u32>,
+        c: Src<u32>,
+    },
     Bar,
-    Bra { target: u32 },
+    Bra {
+        target: u32,
+    },
     Ret,
 }
 
@@ -422,6 +628,20 @@ impl Decoder<'_> {
             (Some(a), Some(b), None) => Ok((a.trim(), b.trim())),
             _ => Err(format!("expected two registers in `{t}`")),
         }
+    }
+
+    /// `{a, b, ...}` with exactly `n` elements.
+    fn vector(&self, tok: &str, n: usize) -> Result<Vec<String>, String> {
+        let t = tok.trim();
+        let inner = t
+            .strip_prefix('{')
+            .and_then(|r| r.strip_suffix('}'))
+            .ok_or_else(|| format!("expected a vector `{{...}}`, found `{t}`"))?;
+        let items: Vec<String> = inner.split(',').map(|x| x.trim().to_string()).collect();
+        if items.len() != n {
+            return Err(format!("expected {n} elements in `{t}`"));
+        }
+        Ok(items)
     }
 
     fn wide(&self, tok: &str) -> Result<Wide, String> {
@@ -731,26 +951,51 @@ impl Decoder<'_> {
             ["ld", space @ ("global" | "shared"), rest @ ..] => {
                 n(2)?;
                 let space = if *space == "global" { Space::Global } else { Space::Shared };
-                let (space, t) = match rest {
-                    [t] => (space, *t),
-                    ["nc", t] if space == Space::Global => (Space::GlobalNc, *t),
-                    _ => return Err(format!("unknown instruction `{opcode}`")),
+                let (space, rest) = match rest {
+                    ["nc", rest @ ..] if space == Space::Global => (Space::GlobalNc, rest),
+                    _ => (space, rest),
                 };
                 let (addr, off) = self.address(a(1))?;
-                match t {
-                    "f32" => Op::LdF32 { space, d: self.reg(a(0), Kind::F32)?, addr, off },
-                    "f64" => Op::LdF64 { space, d: self.reg(a(0), Kind::F64)?, addr, off },
+                match rest {
+                    ["f32"] => Op::LdF32 { space, d: self.reg(a(0), Kind::F32)?, addr, off },
+                    ["f64"] => Op::LdF64 { space, d: self.reg(a(0), Kind::F64)?, addr, off },
+                    [v @ ("v2" | "v4"), t @ ("f32" | "f64")] if (*v, *t) != ("v4", "f64") => {
+                        let kind = if *t == "f32" { Kind::F32 } else { Kind::F64 };
+                        let regs = self.vector(a(0), if *v == "v2" { 2 } else { 4 })?;
+                        let mut d = [0; 4];
+                        for (slot, r) in d.iter_mut().zip(&regs) {
+                            *slot = self.reg(r, kind)?;
+                        }
+                        let n = regs.len() as u8;
+                        if kind == Kind::F32 {
+                            Op::LdVF32 { space, n, d, addr, off }
+                        } else {
+                            Op::LdVF64 { space, d: [d[0], d[1]], addr, off }
+                        }
+                    }
                     _ => return Err(format!("unknown instruction `{opcode}`")),
                 }
             }
-            ["st", space @ ("global" | "shared"), t @ ("f32" | "f64")] => {
+            ["st", space @ ("global" | "shared"), rest @ ..] => {
                 n(2)?;
                 let space = if *space == "global" { Space::Global } else { Space::Shared };
                 let (addr, off) = self.address(a(0))?;
-                if *t == "f32" {
-                    Op::StF32 { space, addr, off, v: self.f32(a(1))? }
-                } else {
-                    Op::StF64 { space, addr, off, v: self.f64(a(1))? }
+                match rest {
+                    ["f32"] => Op::StF32 { space, addr, off, v: self.f32(a(1))? },
+                    ["f64"] => Op::StF64 { space, addr, off, v: self.f64(a(1))? },
+                    [v @ ("v2" | "v4"), "f32"] => {
+                        let regs = self.vector(a(1), if *v == "v2" { 2 } else { 4 })?;
+                        let mut vs = [Src::I(0.0); 4];
+                        for (slot, r) in vs.iter_mut().zip(&regs) {
+                            *slot = self.f32(r)?;
+                        }
+                        Op::StVF32 { space, n: regs.len() as u8, v: vs, addr, off }
+                    }
+                    ["v2", "f64"] => {
+                        let regs = self.vector(a(1), 2)?;
+                        Op::StVF64 { space, v: [self.f64(&regs[0])?, self.f64(&regs[1])?], addr, off }
+                    }
+                    _ => return Err(format!("unknown instruction `{opcode}`")),
                 }
             }
             ["shfl", "sync", mode, "b32"] => {
@@ -1561,7 +1806,7 @@ fn run_thread(
         if *steps > STEP_LIMIT {
             return Err(format!("more than {STEP_LIMIT} instructions in one launch: an endless loop?"));
         }
-        let inst = k.code[th.pc];
+        let inst = &k.code[th.pc];
         if let Some((p, positive)) = inst.guard {
             if th.p[p as usize] != positive {
                 th.pc += 1;
@@ -1661,6 +1906,49 @@ fn run_thread(
                 let addr = addr.get(&th.rd).wrapping_add(off as u64);
                 let arena = if space == Space::Global { &mut mem.arena } else { &mut *shared };
                 arena.store::<8>(addr, v.get(&th.fd).to_le_bytes(), who)?;
+            }
+            Op::LdVF32 { space, n, d, addr, off } => {
+                let addr = addr.get(&th.rd).wrapping_add(off as u64);
+                let arena = if space == Space::Shared { &*shared } else { &mem.arena };
+                let nc = space == Space::GlobalNc;
+                let bytes: Vec<u8> = if n == 2 {
+                    arena.load::<8>(addr, who, nc)?.to_vec()
+                } else {
+                    arena.load::<16>(addr, who, nc)?.to_vec()
+                };
+                for (r, b) in d.iter().zip(bytes.chunks_exact(4)) {
+                    th.f[*r as usize] = f32::from_le_bytes(b.try_into().expect("4 bytes"));
+                }
+            }
+            Op::LdVF64 { space, d, addr, off } => {
+                let addr = addr.get(&th.rd).wrapping_add(off as u64);
+                let arena = if space == Space::Shared { &*shared } else { &mem.arena };
+                let bytes = arena.load::<16>(addr, who, space == Space::GlobalNc)?;
+                for (r, b) in d.iter().zip(bytes.chunks_exact(8)) {
+                    th.fd[*r as usize] = f64::from_le_bytes(b.try_into().expect("8 bytes"));
+                }
+            }
+            Op::StVF32 { space, n, v, addr, off } => {
+                let addr = addr.get(&th.rd).wrapping_add(off as u64);
+                let arena = if space == Space::Global { &mut mem.arena } else { &mut *shared };
+                let mut bytes = [0u8; 16];
+                for (b, x) in bytes.chunks_exact_mut(4).zip(&v) {
+                    b.copy_from_slice(&x.get(&th.f).to_le_bytes());
+                }
+                if n == 2 {
+                    arena.store::<8>(addr, bytes[..8].try_into().expect("8 bytes"), who)?;
+                } else {
+                    arena.store::<16>(addr, bytes, who)?;
+                }
+            }
+            Op::StVF64 { space, v, addr, off } => {
+                let addr = addr.get(&th.rd).wrapping_add(off as u64);
+                let arena = if space == Space::Global { &mut mem.arena } else { &mut *shared };
+                let mut bytes = [0u8; 16];
+                for (b, x) in bytes.chunks_exact_mut(8).zip(&v) {
+                    b.copy_from_slice(&x.get(&th.fd).to_le_bytes());
+                }
+                arena.store::<16>(addr, bytes, who)?;
             }
             Op::Split { lo, hi, s } => {
                 let bits = match s {
