@@ -1368,11 +1368,10 @@ impl Arena {
         let off = addr - a.start;
         if off + size > a.data.len() as u64 {
             return Err(format!(
-                "{size}-byte access at {addr:#x} is outside `{}` of {} bytes (at byte {off}: element {} of {})",
+                "{size}-byte access at {addr:#x} is outside `{}` of {} bytes (bytes {off}..{})",
                 a.name,
                 a.data.len(),
-                off / size,
-                a.data.len() as u64 / size,
+                off + size,
             ));
         }
         Ok((i, off as usize))
