@@ -1426,13 +1426,25 @@ impl Arena {
         Ok(())
     }
 
-    /// The bytes of `[addr, addr + bytes)` for the host; panics where that is not inside
-    /// one allocation.
-    fn host(&mut self, addr: u64, bytes: usize, align: u64) -> (&mut [u8], &mut [Who]) {
+    /// Where `[addr, addr + bytes)` is for the host: allocation and offset; panics where
+    /// that is not inside one allocation.
+    fn host(&self, addr: u64, bytes: usize, align: u64) -> (usize, usize) {
         let (i, off) = self.find(addr, align).unwrap_or_else(|e| panic!("host access: {e}"));
-        let a = &mut self.allocs[i];
+        let a = &self.allocs[i];
         assert!(off + bytes <= a.data.len(), "host access of {bytes} bytes past the end of `{}`", a.name);
-        (&mut a.data[off..off + bytes], &mut a.writer[off / 4..(off + bytes) / 4])
+        (i, off)
+    }
+
+    fn host_write(&mut self, addr: u64, bytes: &[u8], align: u64) {
+        let (i, off) = self.host(addr, bytes.len(), align);
+        let a = &mut self.allocs[i];
+        a.data[off..off + bytes.len()].copy_from_slice(bytes);
+        a.writer[off / 4..(off + bytes.len()) / 4].fill(HOST);
+    }
+
+    fn host_read(&self, addr: u64, bytes: usize, align: u64) -> &[u8] {
+        let (i, off) = self.host(addr, bytes, align);
+        &self.allocs[i].data[off..off + bytes]
     }
 }
 
@@ -1468,28 +1480,22 @@ impl Memory {
     }
 
     pub fn write_f32s(&mut self, addr: u64, values: &[f32]) {
-        let (data, writer) = self.arena.host(addr, 4 * values.len(), 4);
-        for (d, v) in data.chunks_exact_mut(4).zip(values) {
-            d.copy_from_slice(&v.to_le_bytes());
-        }
-        writer.fill(HOST);
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.arena.host_write(addr, &bytes, 4);
     }
 
     pub fn write_f64s(&mut self, addr: u64, values: &[f64]) {
-        let (data, writer) = self.arena.host(addr, 8 * values.len(), 8);
-        for (d, v) in data.chunks_exact_mut(8).zip(values) {
-            d.copy_from_slice(&v.to_le_bytes());
-        }
-        writer.fill(HOST);
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.arena.host_write(addr, &bytes, 8);
     }
 
-    pub fn read_f32s(&mut self, addr: u64, n: usize) -> Vec<f32> {
-        let (data, _) = self.arena.host(addr, 4 * n, 4);
+    pub fn read_f32s(&self, addr: u64, n: usize) -> Vec<f32> {
+        let data = self.arena.host_read(addr, 4 * n, 4);
         data.chunks_exact(4).map(|d| f32::from_le_bytes(d.try_into().expect("4 bytes"))).collect()
     }
 
-    pub fn read_f64s(&mut self, addr: u64, n: usize) -> Vec<f64> {
-        let (data, _) = self.arena.host(addr, 8 * n, 8);
+    pub fn read_f64s(&self, addr: u64, n: usize) -> Vec<f64> {
+        let data = self.arena.host_read(addr, 8 * n, 8);
         data.chunks_exact(8).map(|d| f64::from_le_bytes(d.try_into().expect("8 bytes"))).collect()
     }
 }
