@@ -10,9 +10,10 @@
 //!   cooperatively: each runs until it reaches `bar.sync`, `shfl.sync` or `ret`; a
 //!   `shfl.sync` is performed when all 32 lanes of the warp wait at it, a `bar.sync` when
 //!   every thread of the block that has not exited waits at it.
-//! - `Memory` is a flat global memory with bounds checks per allocation (accesses between
-//!   allocations, at null, misaligned or straddling two allocations are errors). Memory
-//!   is NaN-filled on allocation, and reading a word that nothing ever wrote is an error.
+//! - `Memory` is global memory made of allocations 4 GiB apart, with bounds checks: an
+//!   access past an allocation is an error naming it, however far past; so is an access
+//!   at null or one misaligned for its size (a `v4.f32` needs 16 bytes). Memory is
+//!   NaN-filled on allocation, and reading a word that nothing ever wrote is an error.
 //!   Two checks catch races: within one launch a word written by one block and read or
 //!   written by another, and within one block a word written by one thread and read or
 //!   written by another between the same two barriers. Shared memory gets the same checks.
