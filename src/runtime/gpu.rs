@@ -64,14 +64,6 @@ impl From<CudaError> for Error {
 pub fn evaluate(loss: &Loss, arrays: &[DeviceArray], stream: usize) -> Result<f64, Error> {
     let shapes: Vec<[usize; 3]> = arrays.iter().map(|a| a.shape).collect();
     let ext = loss.extents(&shapes)?;
-    for (spec, a) in loss.inputs().iter().zip(arrays) {
-        if spec.axes.has_index(2) && a.shape[2] == 1 && ext[2] > 1 {
-            return Err(Error::Unsupported(format!(
-                "input `{}` broadcast along positions on the GPU: pass it at full size",
-                spec.name
-            )));
-        }
-    }
     let want: Vec<bool> = arrays.iter().map(|a| a.grad != 0).collect();
     let layout = Layout::of(&shapes, ext, &want);
     if let Some(why) = ptx::unsupported(loss, &layout) {

@@ -74,6 +74,8 @@ enum FUn {
     Lg2,
     /// `cvt.rzi`: round toward zero to an integer value.
     Trunc,
+    /// `cvt.rni`: round to the nearest integer value, ties to even.
+    Round,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -209,6 +211,26 @@ enum Op {
         d: u32,
         s: Src<u64>,
     },
+    /// `cvt.rn.f64.s64`.
+    CvtF64S64 {
+        d: u32,
+        s: Src<u64>,
+    },
+    /// `cvt.rni.s64.f64`: to the nearest integer, saturating, NaN to 0.
+    CvtS64F64 {
+        d: u32,
+        s: Src<f64>,
+    },
+    /// `mov.b64` from a b64 register into an f64 one: the same bits.
+    BitsToF64 {
+        d: u32,
+        s: Src<u64>,
+    },
+    /// `mov.b64` from an f64 register into a b64 one.
+    F64ToBits {
+        d: u32,
+        s: Src<f64>,
+    },
     F32Bin {
         op: FBin,
         d: u32,
@@ -329,6 +351,12 @@ enum Op {
     },
     Shift64 {
         left: bool,
+        d: u32,
+        a: Src<u64>,
+        b: Src<u32>,
+    },
+    /// `shr.s64`: the sign bit shifted in.
+    Sar64 {
         d: u32,
         a: Src<u64>,
         b: Src<u32>,
@@ -798,6 +826,14 @@ impl Decoder<'_> {
                 let (lo, hi) = self.pair(a(1))?;
                 Op::Join { d: self.wide(a(0))?, lo: self.u32(lo)?, hi: self.u32(hi)? }
             }
+            ["mov", "b64"] if args.first().is_some_and(|x| x.trim().starts_with("%fd")) => {
+                n(2)?;
+                Op::BitsToF64 { d: self.reg(a(0), Kind::F64)?, s: self.u64(a(1))? }
+            }
+            ["mov", "b64"] if args.get(1).is_some_and(|x| x.trim().starts_with("%fd")) => {
+                n(2)?;
+                Op::F64ToBits { d: self.reg(a(0), Kind::B64)?, s: self.f64(a(1))? }
+            }
             ["mov", "u64" | "b64" | "s64"] => {
                 n(2)?;
                 Op::MovU64 { d: self.reg(a(0), Kind::B64)?, s: self.u64(a(1))? }
@@ -829,6 +865,19 @@ impl Decoder<'_> {
             ["cvt", "rn", "f64", "u64"] => {
                 n(2)?;
                 Op::CvtF64U64 { d: self.reg(a(0), Kind::F64)?, s: self.u64(a(1))? }
+            }
+            ["cvt", "rn", "f64", "s64"] => {
+                n(2)?;
+                Op::CvtF64S64 { d: self.reg(a(0), Kind::F64)?, s: self.u64(a(1))? }
+            }
+            ["cvt", "rni", "s64", "f64"] => {
+                n(2)?;
+                Op::CvtS64F64 { d: self.reg(a(0), Kind::B64)?, s: self.f64(a(1))? }
+            }
+            ["cvt", "rni", t @ ("f32" | "f64"), u] if t == u => float_un(FUn::Round, t)?,
+            ["shr", "s64"] => {
+                n(3)?;
+                Op::Sar64 { d: self.reg(a(0), Kind::B64)?, a: self.u64(a(1))?, b: self.u32(a(2))? }
             }
             ["cvt", "rzi", "f32", "f32"] => float_un(FUn::Trunc, "f32")?,
             ["cvt", "rzi", "f64", "f64"] => float_un(FUn::Trunc, "f64")?,
@@ -1724,6 +1773,7 @@ fn f32_un(op: FUn, a: f32) -> f32 {
         FUn::Ex2 => a.exp2(),
         FUn::Lg2 => a.log2(),
         FUn::Trunc => a.trunc(),
+        FUn::Round => a.round_ties_even(),
     }
 }
 
@@ -1734,6 +1784,7 @@ fn f64_un(op: FUn, a: f64) -> Result<f64, String> {
         FUn::Sqrt => a.sqrt(),
         FUn::Rcp => 1.0 / a,
         FUn::Trunc => a.trunc(),
+        FUn::Round => a.round_ties_even(),
         FUn::Ex2 | FUn::Lg2 => return Err("ex2/lg2 on f64 do not exist".into()),
     })
 }
@@ -1843,6 +1894,14 @@ fn run_thread(
             Op::CvtF64F32 { d, s } => th.fd[d as usize] = f64::from(s.get(&th.f)),
             Op::CvtF32F64 { d, s } => th.f[d as usize] = s.get(&th.fd) as f32,
             Op::CvtF64U64 { d, s } => th.fd[d as usize] = s.get(&th.rd) as f64,
+            Op::CvtF64S64 { d, s } => th.fd[d as usize] = s.get(&th.rd) as i64 as f64,
+            // Rust's float-to-int `as` saturates and sends NaN to 0, as PTX does.
+            Op::CvtS64F64 { d, s } => th.rd[d as usize] = s.get(&th.fd).round_ties_even() as i64 as u64,
+            Op::BitsToF64 { d, s } => th.fd[d as usize] = f64::from_bits(s.get(&th.rd)),
+            Op::F64ToBits { d, s } => th.rd[d as usize] = s.get(&th.fd).to_bits(),
+            Op::Sar64 { d, a, b } => {
+                th.rd[d as usize] = ((a.get(&th.rd) as i64) >> b.get(&th.r).min(63)) as u64;
+            }
             Op::F32Bin { op, d, a, b } => th.f[d as usize] = f32_bin(op, a.get(&th.f), b.get(&th.f)),
             Op::F64Bin { op, d, a, b } => th.fd[d as usize] = f64_bin(op, a.get(&th.fd), b.get(&th.fd)),
             Op::F32Un { op, d, a } => th.f[d as usize] = f32_un(op, a.get(&th.f)),

@@ -94,6 +94,8 @@ pub struct Layout {
     pub batch_one: Vec<bool>,
     /// Per input: given with one class row.
     pub class_one: Vec<bool>,
+    /// Per input: given with one spatial position for S > 1 (the same at every position).
+    pub spatial_one: Vec<bool>,
     /// Per input: its gradient is written.
     pub want: Vec<bool>,
 }
@@ -107,6 +109,7 @@ impl Layout {
             classes,
             batch_one: axes.iter().map(|a| !a.has_index(0)).collect(),
             class_one: axes.iter().map(|a| !a.has_index(1) || classes == 1).collect(),
+            spatial_one: vec![false; axes.len()],
             want: vec![true; axes.len()],
         }
     }
@@ -115,8 +118,9 @@ impl Layout {
     pub fn of(shapes: &[[usize; 3]], ext: [usize; 3], want: &[bool]) -> Layout {
         Layout {
             classes: ext[1],
-            batch_one: shapes.iter().map(|s| s[0] == 1).collect(),
+            batch_one: shapes.iter().map(|s| s[0] == 1 && ext[0] > 1).collect(),
             class_one: shapes.iter().map(|s| s[1] == 1).collect(),
+            spatial_one: shapes.iter().map(|s| s[2] == 1 && ext[2] > 1).collect(),
             want: want.to_vec(),
         }
     }
@@ -179,7 +183,16 @@ pub fn unsupported(loss: &Loss, layout: &Layout) -> Option<String> {
         }
     }
     for (i, spec) in loss.inputs().iter().enumerate() {
-        if layout.want[i] && spec.axes.has_index(2) && spec.axes.has_index(0) && layout.batch_one[i] {
+        if !layout.want[i] || !spec.axes.has_index(2) {
+            continue;
+        }
+        if layout.spatial_one[i] {
+            return Some(format!(
+                "the gradient of `{}`, broadcast along positions, on the GPU (pass it at full size)",
+                spec.name
+            ));
+        }
+        if spec.axes.has_index(0) && layout.batch_one[i] {
             return Some(format!(
                 "the gradient of `{}`, broadcast over the batch but not over positions, on the GPU",
                 spec.name
@@ -201,7 +214,7 @@ pub fn emit(loss: &Loss, layout: &Layout, target: Target) -> Result<Program, Err
         return Err(Error::Unsupported(why));
     }
     let n = loss.inputs().len();
-    if [layout.batch_one.len(), layout.class_one.len(), layout.want.len()] != [n; 3] {
+    if [layout.batch_one.len(), layout.class_one.len(), layout.spatial_one.len(), layout.want.len()] != [n; 4] {
         return Err(Error::Shape(format!("a layout for {n} inputs is needed")));
     }
     let key = Key {
@@ -258,7 +271,7 @@ fn header(loss: &Loss, layout: &Layout, target: Target, p: &Program) -> String {
     for (i, spec) in loss.inputs().iter().enumerate() {
         let b = if layout.batch_one[i] { "1" } else { "B" };
         let c = if layout.class_one[i] { "1".to_string() } else { "C".to_string() };
-        let s = if spec.axes.has_index(2) { "S" } else { "1" };
+        let s = if spec.axes.has_index(2) && !layout.spatial_one[i] { "S" } else { "1" };
         let grad = if layout.want[i] { "gradient written to grad" } else { "no gradient" };
         out += &format!(
             "//   in{i} = {}: float[{b}][{c}][{s}], {grad}{}\n",
@@ -509,7 +522,9 @@ impl Emitter<'_> {
         };
         for &id in body {
             if let Op::Input { index, .. } = self.g.node(id).op {
-                merge(a, &p.inputs[index as usize]);
+                if !self.layout.spatial_one[index as usize] {
+                    merge(a, &p.inputs[index as usize]);
+                }
             }
         }
         for i in spec.writes.iter().map(|w| w.input).chain(zeros.iter().copied()) {
@@ -560,7 +575,16 @@ impl Emitter<'_> {
             let n = self.classes(id);
             if let Op::Input { index, .. } = node.op {
                 for c in 0..n {
-                    let addr = at(a, &rows.inputs[&(index as usize, c)]);
+                    let row = &rows.inputs[&(index as usize, c)];
+                    if self.layout.spatial_one[index as usize] {
+                        // One value for every position.
+                        let v = a.def(Kind::F32, "ld.global.nc.f32", &format!("[{row}]"));
+                        for values in per_lane.iter_mut() {
+                            values.insert((id, c), v.clone());
+                        }
+                        continue;
+                    }
+                    let addr = at(a, row);
                     let regs: Vec<String> = (0..lanes).map(|_| a.reg(Kind::F32)).collect();
                     a.op(format!("{load} {}, [{addr}]", vector(&regs)));
                     for (values, r) in per_lane.iter_mut().zip(regs) {
@@ -638,7 +662,8 @@ impl Emitter<'_> {
         let c = if self.layout.class_one[i] { 0 } else { c };
         let item = if self.layout.batch_one[i] { "0".to_string() } else { b.to_string() };
         let r = a.def(Kind::B64, "mad.lo.u64", &format!("{item}, {rows}, {c}"));
-        let elems = a.def(Kind::B64, "mul.lo.u64", &format!("{r}, {}", p.s));
+        let elems =
+            if self.layout.spatial_one[i] { r } else { a.def(Kind::B64, "mul.lo.u64", &format!("{r}, {}", p.s)) };
         a.def(Kind::B64, "mad.lo.u64", &format!("{elems}, 4, {ptr}"))
     }
 
@@ -1121,20 +1146,12 @@ fn log_sum_exp(a: &mut Asm, ty: Ty, xs: &[String], copies: usize) -> String {
     a.def(Kind::F32, "selp.f32", &format!("{}, {r}, {nan}", f32_imm(f32::NAN)))
 }
 
-/// An f64 transcendental through the f32 one (the tail's few of them: relative error
-/// about 1e-7, below the f32 inputs' own rounding).
-fn via_f32(a: &mut Asm, x: &str, f: impl FnOnce(&mut Asm, &str) -> String) -> String {
-    let x32 = a.def(Kind::F32, "cvt.rn.f32.f64", x);
-    let y = f(a, &x32);
-    a.def(Kind::F64, "cvt.f64.f32", &y)
-}
-
 fn exp64(a: &mut Asm, x: &str) -> String {
-    via_f32(a, x, |a, x| a.exp(x))
+    a.exp64(x)
 }
 
 fn log64(a: &mut Asm, x: &str) -> String {
-    via_f32(a, x, |a, x| a.log(x))
+    a.log64(x)
 }
 
 /// One elementwise op; `ids` are the argument nodes (for constant exponents).
@@ -1143,9 +1160,10 @@ fn elementwise(a: &mut Asm, ty: Ty, g: &Graph, op: Op, ids: &[NodeId], x: &[Stri
     let k = ty.kind();
     let un = |a: &mut Asm, name: &str| a.def(k, &format!("{name}.{t}"), &x[0]);
     let bin = |a: &mut Asm, name: &str| a.def(k, &format!("{name}.{t}"), &format!("{}, {}", x[0], x[1]));
-    let f32_fn = |a: &mut Asm, f: fn(&mut Asm, &str) -> String| match ty {
-        Ty::F32 => f(a, &x[0]),
-        Ty::F64 => via_f32(a, &x[0], f),
+    // The f32 function in the sweeps, the f64 one in the tail.
+    let math = |a: &mut Asm, f32: fn(&mut Asm, &str) -> String, f64: fn(&mut Asm, &str) -> String| match ty {
+        Ty::F32 => f32(a, &x[0]),
+        Ty::F64 => f64(a, &x[0]),
     };
     let flag = |a: &mut Asm, cc: &str| {
         let p = a.def(Kind::Pred, &format!("setp.{cc}.{t}"), &format!("{}, {}", x[0], x[1]));
@@ -1162,12 +1180,12 @@ fn elementwise(a: &mut Asm, ty: Ty, g: &Graph, op: Op, ids: &[NodeId], x: &[Stri
         Op::Neg => un(a, "neg"),
         Op::Abs => un(a, "abs"),
         Op::Sqrt => un(a, "sqrt.rn"),
-        Op::Exp => f32_fn(a, |a, x| a.exp(x)),
-        Op::Log => f32_fn(a, |a, x| a.log(x)),
-        Op::Log1p => f32_fn(a, |a, x| a.log1p(x)),
-        Op::Sigmoid => f32_fn(a, |a, x| a.sigmoid(x)),
-        Op::Softplus => f32_fn(a, |a, x| a.softplus(x)),
-        Op::Tanh => f32_fn(a, |a, x| a.tanh(x)),
+        Op::Exp => math(a, |a, x| a.exp(x), |a, x| a.exp64(x)),
+        Op::Log => math(a, |a, x| a.log(x), |a, x| a.log64(x)),
+        Op::Log1p => math(a, |a, x| a.log1p(x), |a, x| a.log1p64(x)),
+        Op::Sigmoid => math(a, |a, x| a.sigmoid(x), |a, x| a.sigmoid64(x)),
+        Op::Softplus => math(a, |a, x| a.softplus(x), |a, x| a.softplus64(x)),
+        Op::Tanh => math(a, |a, x| a.tanh(x), |a, x| a.tanh64(x)),
         Op::Sign => {
             let z = ty.imm(0.0);
             let zero_or_nan = a.def(k, &format!("mul.rn.{t}"), &format!("{}, {z}", x[0]));
@@ -1193,12 +1211,7 @@ fn elementwise(a: &mut Asm, ty: Ty, g: &Graph, op: Op, ids: &[NodeId], x: &[Stri
             }
             _ => match ty {
                 Ty::F32 => a.pow(&x[0], &x[1]),
-                Ty::F64 => {
-                    let x0 = a.def(Kind::F32, "cvt.rn.f32.f64", &x[0]);
-                    let x1 = a.def(Kind::F32, "cvt.rn.f32.f64", &x[1]);
-                    let r = a.pow(&x0, &x1);
-                    a.def(Kind::F64, "cvt.f64.f32", &r)
-                }
+                Ty::F64 => a.pow64(&x[0], &x[1]),
             },
         },
         Op::Min => nan_aware(a, "min"),
