@@ -223,3 +223,26 @@ fn non_finite_inputs_give_nan_not_a_crash() {
     let value = loss.evaluate(&views, &mut [Some(&mut g), None]).expect("evaluates");
     assert!(value.is_nan());
 }
+
+/// NaN in an input reaches the loss and the gradients where the reference has it: through
+/// `min`, `max` and `clamp` (one `minps`/`maxps` each, which alone would drop a NaN) and
+/// through the class log-sum-exp (whose maximum skips NaNs; the sum catches them).
+#[test]
+fn nan_inputs_propagate_through_min_max_and_logsumexp() {
+    let seed: u64 = rand::random();
+    let mut rng = Rng::new(seed);
+    for source in
+        ["bce", "combo", "dice_multiclass", "cross_entropy", "mean(min(x, y) + max(y, x) + max(x, 0.3) + min(0.7, x))"]
+    {
+        let loss = Loss::compile(source, "").expect("compiles");
+        for at in [0, 5, 4100] {
+            let mut inputs = synth::inputs(loss.inputs(), [2, 3, 2051], &mut rng);
+            inputs[0].data[at] = f64::NAN;
+            let all = vec![true; inputs.len()];
+            compare(&loss, &inputs, &all, &format!("NaN at {at}")).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+            let shapes: Vec<[usize; 3]> = inputs.iter().map(|t| t.shape).collect();
+            let (got, _) = native(&loss, &shapes, &rounded(&inputs).0, &all);
+            assert!(got.is_nan(), "{source}: NaN at {at} gives {got}");
+        }
+    }
+}

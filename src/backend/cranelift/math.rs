@@ -614,13 +614,13 @@ pub(crate) fn select(b: &mut FunctionBuilder, mask: Value, a: Value, c: Value) -
 }
 
 /// a < c ? a : c, one `minps`. A NaN in either operand yields c: put the variable second.
-fn min(b: &mut FunctionBuilder, a: Value, c: Value) -> Value {
+pub(crate) fn min(b: &mut FunctionBuilder, a: Value, c: Value) -> Value {
     let lt = b.ins().fcmp(FloatCC::LessThan, a, c);
     select(b, lt, a, c)
 }
 
 /// c < a ? a : c, one `maxps`. A NaN in either operand yields c: put the variable second.
-fn max(b: &mut FunctionBuilder, a: Value, c: Value) -> Value {
+pub(crate) fn max(b: &mut FunctionBuilder, a: Value, c: Value) -> Value {
     let gt = b.ins().fcmp(FloatCC::LessThan, c, a);
     select(b, gt, a, c)
 }

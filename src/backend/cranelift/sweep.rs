@@ -717,9 +717,10 @@ impl Emitter<'_> {
 
     /// Also returns the shifted exponentials e^(x - max) and their sum, which softmax reuses.
     fn log_sum_exp(&self, b: &mut FunctionBuilder, xs: &[Value]) -> (Value, Vec<Value>, Value) {
+        // `maxps` drops NaNs; a NaN still reaches the sum of exponentials (checked below).
         let mut m = xs[0];
         for &x in &xs[1..] {
-            m = b.ins().fmax(m, x);
+            m = math::max(b, x, m);
         }
         let exps: Vec<Value> = xs
             .iter()
@@ -737,6 +738,8 @@ impl Emitter<'_> {
         let inf = math::splat(b, f32::INFINITY);
         let am = math::abs(b, m);
         let infinite = b.ins().fcmp(FloatCC::Equal, am, inf);
+        let no_nan = b.ins().fcmp(FloatCC::Ordered, s, s);
+        let infinite = b.ins().band(infinite, no_nan);
         (math::select(b, infinite, m, r), exps, s)
     }
 
@@ -787,8 +790,8 @@ impl Emitter<'_> {
                 }
                 _ => m.pow(b, x[0], x[1]),
             },
-            Op::Min => b.ins().fmin(x[0], x[1]),
-            Op::Max => b.ins().fmax(x[0], x[1]),
+            Op::Min => nan_aware(self.g, b, ids, x, math::min),
+            Op::Max => nan_aware(self.g, b, ids, x, math::max),
             Op::Lt => flag(b, FloatCC::LessThan),
             Op::Le => flag(b, FloatCC::LessThanOrEqual),
             Op::Gt => flag(b, FloatCC::GreaterThan),
@@ -802,6 +805,28 @@ impl Emitter<'_> {
             }
             other => return Err(format!("`{}` is not computed by native kernels", other.name())),
         })
+    }
+}
+
+/// `min` or `max` (`pick`: `maxps`-like, yielding its second operand where either is
+/// NaN) that is NaN where either argument is, like the reference: one instruction
+/// against a constant (put second, so a NaN variable passes), else a fix-up of the lanes
+/// where the first argument is NaN. Cranelift's `fmin`/`fmax` take eight instructions.
+fn nan_aware(
+    g: &Graph,
+    b: &mut FunctionBuilder,
+    ids: &[NodeId],
+    x: &[Value],
+    pick: fn(&mut FunctionBuilder, Value, Value) -> Value,
+) -> Value {
+    match (g.constant_value(ids[0]), g.constant_value(ids[1])) {
+        (Some(c), _) if !c.is_nan() => pick(b, x[0], x[1]),
+        (_, Some(c)) if !c.is_nan() => pick(b, x[1], x[0]),
+        _ => {
+            let r = pick(b, x[0], x[1]);
+            let nan = b.ins().fcmp(FloatCC::Unordered, x[0], x[0]);
+            math::select(b, nan, x[0], r)
+        }
     }
 }
 
