@@ -288,7 +288,7 @@ fn header(loss: &Loss, layout: &Layout, target: Target, p: &Program) -> String {
     out += &format!("// Launch on one stream, in this order, with {THREADS} threads per block:\n");
     for l in &p.launches {
         let grid = match l.grid {
-            Grid::Sweep => "grid (G, Y): G blocks along positions (G*256 >= S is plenty; G fixes the result), Y <= 65535 along the batch",
+            Grid::Sweep => "grid (G, Y): G blocks along positions (at most ceil(S/256) do work; G fixes the result), Y <= 65535 along the batch",
             Grid::Single => "grid (1, 1)",
         };
         out += &format!("//   {}  {grid}\n", l.kernel);
