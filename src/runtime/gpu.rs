@@ -6,9 +6,6 @@
 //! `Loss`. A call allocates the small f64 workspace, launches the kernels in the program's
 //! order on the caller's stream, and reads back the loss (which synchronises the stream).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-
 use crate::backend::ptx::{self, Grid, Layout, Program, Target, THREADS};
 use crate::error::Error;
 use crate::loss::Loss;
@@ -24,7 +21,7 @@ pub struct DeviceArray {
 }
 
 /// A loss's module loaded in one context.
-struct Loaded {
+pub(crate) struct Loaded {
     program: Program,
     functions: Vec<Function>,
     /// Kept alive while the functions are used.
@@ -33,22 +30,8 @@ struct Loaded {
     max_blocks: usize,
 }
 
-/// Loaded modules of one loss, by context and layout. Cloning a loss starts an empty cache.
-#[derive(Default)]
-pub struct Cache(Mutex<HashMap<(Context, Layout), Arc<Loaded>>>);
-
-impl Clone for Cache {
-    fn clone(&self) -> Self {
-        Cache::default()
-    }
-}
-
-impl std::fmt::Debug for Cache {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let n = self.0.lock().map_or(0, |m| m.len());
-        write!(f, "GpuCache({n} loaded)")
-    }
-}
+/// Loaded modules of one loss, by context and layout.
+pub(crate) type Cache = crate::runtime::cache::Cache<(Context, Layout), Loaded>;
 
 impl From<CudaError> for Error {
     fn from(e: CudaError) -> Error {
@@ -71,17 +54,7 @@ pub fn evaluate(loss: &Loss, arrays: &[DeviceArray], stream: usize) -> Result<f6
     }
     let driver = Driver::get()?;
     let context = driver.context()?;
-    let loaded = {
-        let mut map = loss.gpu_cache().0.lock().unwrap_or_else(|e| e.into_inner());
-        match map.get(&(context, layout.clone())) {
-            Some(l) => Arc::clone(l),
-            None => {
-                let l = Arc::new(load(driver, loss, &layout)?);
-                map.insert((context, layout), Arc::clone(&l));
-                l
-            }
-        }
-    };
+    let loaded = loss.gpu_cache().get_or_build(&(context, layout.clone()), || load(driver, loss, &layout))?;
     let (b, s) = (ext[0], ext[2]);
     let g = s.div_ceil(THREADS as usize).clamp(1, loaded.max_blocks);
     let y = b.clamp(1, 65535);

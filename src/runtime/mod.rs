@@ -11,6 +11,7 @@
 //! gradients are bitwise the same for any number of threads.
 
 pub mod blocked;
+pub mod cache;
 pub mod cuda;
 pub mod gpu;
 pub mod native;

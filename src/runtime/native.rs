@@ -11,7 +11,6 @@
 //!    thread count) and evaluates the tail values that became computable.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 
 use rayon::prelude::*;
 
@@ -110,7 +109,7 @@ pub(crate) struct PlanOptions {
 type Planned = (Vec<NodeId>, Vec<usize>, Vec<Write>);
 
 /// A loss compiled for one key: the kernels and what each sweep does.
-struct Compiled {
+pub(crate) struct Compiled {
     kernels: Kernels,
     /// Per sweep: what it computes, or `None` when it only runs the tail.
     sweeps: Vec<Option<Sweep>>,
@@ -120,22 +119,8 @@ struct Compiled {
     fixed: Vec<bool>,
 }
 
-/// Compiled kernels of one loss, by key. Cloning a loss starts an empty cache.
-#[derive(Default)]
-pub struct Cache(Mutex<HashMap<Key, Arc<Compiled>>>);
-
-impl Clone for Cache {
-    fn clone(&self) -> Self {
-        Cache::default()
-    }
-}
-
-impl std::fmt::Debug for Cache {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let n = self.0.lock().map_or(0, |m| m.len());
-        write!(f, "Cache({n} compiled)")
-    }
-}
+/// Compiled kernels of one loss, by key.
+pub(crate) type Cache = crate::runtime::cache::Cache<Key, Compiled>;
 
 fn compile(loss: &Loss, key: &Key) -> Result<Compiled, Error> {
     let SweepPlan { sweeps, level, order } = plan(loss, key, PlanOptions { stash: true, write_uniform: false });
@@ -276,18 +261,7 @@ pub fn evaluate(loss: &Loss, inputs: &[View], ext: [usize; 3], grads: &mut [Opti
         one_row: inputs.iter().map(|v| v.shape[1] == 1).collect(),
         want,
     };
-    let compiled = {
-        let cache = loss.native_cache();
-        let mut map = cache.0.lock().unwrap_or_else(|e| e.into_inner());
-        match map.get(&key) {
-            Some(c) => Arc::clone(c),
-            None => {
-                let c = Arc::new(compile(loss, &key)?);
-                map.insert(key.clone(), Arc::clone(&c));
-                c
-            }
-        }
-    };
+    let compiled = loss.native_cache().get_or_build(&key, || compile(loss, &key))?;
 
     // Small inputs (no spatial axis) for the tail; streamed ones are never read there.
     let owned: Vec<Tensor> = loss

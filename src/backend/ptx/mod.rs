@@ -1014,13 +1014,7 @@ impl Emitter<'_> {
                 if !lse {
                     return a.def(Kind::F64, "mul.rn.f64", &format!("{s}, {copies}"));
                 }
-                let scaled = a.def(Kind::F64, "mul.rn.f64", &format!("{s}, {copies}"));
-                let l = log64(a, &scaled);
-                let r = a.def(Kind::F64, "add.rn.f64", &format!("{m}, {l}"));
-                let am = a.def(Kind::F64, "abs.f64", &m);
-                let inf = a.def(Kind::Pred, "setp.eq.f64", &format!("{am}, {}", f64_imm(f64::INFINITY)));
-                let r = a.def(Kind::F64, "selp.f64", &format!("{m}, {r}, {inf}"));
-                a.def(Kind::F64, "selp.f64", &format!("{}, {r}, {nan}", f64_imm(f64::NAN)))
+                finish_log_sum_exp(a, &m, &s, &copies, &nan)
             })
             .collect()
     }
@@ -1107,15 +1101,21 @@ fn reduce_values(a: &mut Asm, xs: &[String], lse: bool, copies: &str) -> String 
         let e = exp64(a, &d);
         s = a.def(Kind::F64, "add.rn.f64", &format!("{s}, {e}"));
     }
+    // max.f64 drops NaN; the sum keeps it.
+    let nan = a.def(Kind::Pred, "testp.notanumber.f64", &s);
+    finish_log_sum_exp(a, &m, &s, copies, &nan)
+}
+
+/// m + log(copies * s), the logsumexp of values with maximum `m` and shifted exponentials
+/// summing to `s`: `m` itself where it is infinite, NaN where `nan` (a NaN was seen).
+fn finish_log_sum_exp(a: &mut Asm, m: &str, s: &str, copies: &str, nan: &str) -> String {
     let scaled = a.def(Kind::F64, "mul.rn.f64", &format!("{s}, {copies}"));
     let l = log64(a, &scaled);
     let r = a.def(Kind::F64, "add.rn.f64", &format!("{m}, {l}"));
-    let am = a.def(Kind::F64, "abs.f64", &m);
+    let am = a.def(Kind::F64, "abs.f64", m);
     let inf = a.def(Kind::Pred, "setp.eq.f64", &format!("{am}, {}", f64_imm(f64::INFINITY)));
     let r = a.def(Kind::F64, "selp.f64", &format!("{m}, {r}, {inf}"));
-    // max.f64 drops NaN; the sum keeps it.
-    let nan = a.def(Kind::Pred, "testp.notanumber.f64", &s);
-    a.def(Kind::F64, "selp.f64", &format!("{s}, {r}, {nan}"))
+    a.def(Kind::F64, "selp.f64", &format!("{}, {r}, {nan}", f64_imm(f64::NAN)))
 }
 
 /// log(sum(exp(x))) over f32 class values, shifted by their maximum; `copies` is the
