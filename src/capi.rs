@@ -261,6 +261,29 @@ unsafe fn read_inputs<'a, T>(
     shapes: *const Shape,
     n: usize,
 ) -> Result<Vec<Array<'a, T>>, Failure> {
+    // SAFETY: the caller's contract, passed on.
+    let pointers = unsafe { read_pointers(loss, inputs, shapes, n) }?;
+    Ok(pointers
+        .into_iter()
+        .map(|(shape, len, data)| {
+            // SAFETY: non-NULL, and holds `len` values by the caller's contract; `extents`
+            // checked that `len` values fit in `isize::MAX` bytes.
+            (shape, unsafe { std::slice::from_raw_parts(data, len) })
+        })
+        .collect())
+}
+
+/// The caller's input pointers with their extents and lengths, checked for NULL and size
+/// (host or device pointers: nothing is read through them).
+///
+/// # Safety
+/// `inputs` and `shapes` point to `n` elements each (or are NULL with `n == 0`).
+unsafe fn read_pointers<T>(
+    loss: &crate::Loss,
+    inputs: *const *const T,
+    shapes: *const Shape,
+    n: usize,
+) -> Result<Vec<([usize; 3], usize, *const T)>, Failure> {
     if n == 0 {
         return Ok(vec![]);
     }
@@ -275,9 +298,7 @@ unsafe fn read_inputs<'a, T>(
         if data.is_null() {
             return Err(Failure::new(Status::NullArgument, format!("error: `inputs[{i}]` (input `{name}`) is NULL\n")));
         }
-        // SAFETY: non-NULL, and holds `len` values by the caller's contract; `extents`
-        // checked that `len` values fit in `isize::MAX` bytes.
-        out.push((shape, unsafe { std::slice::from_raw_parts(data, len) }));
+        out.push((shape, len, data));
     }
     Ok(out)
 }
@@ -845,24 +866,15 @@ pub unsafe extern "C" fn lossc_eval_cuda(
         // SAFETY (this block): the caller's contract, as documented above.
         let loss = unsafe { borrow(loss, "loss") }?;
         let loss_out = non_null(loss_out, "loss_out")?;
-        let mut arrays = Vec::with_capacity(n_inputs);
-        if n_inputs > 0 {
-            let inputs = non_null(inputs, "inputs")?;
-            let shapes = non_null(shapes, "shapes")?;
-            for i in 0..n_inputs {
-                let name = loss.loss.inputs().get(i).map_or_else(|| format!("inputs[{i}]"), |s| s.name.clone());
-                let (data, shape) = unsafe { (*inputs.add(i), *shapes.add(i)) };
-                let (shape, _) = extents::<f32>(shape, &name)?;
-                if data.is_null() {
-                    return Err(Failure::new(
-                        Status::NullArgument,
-                        format!("error: `inputs[{i}]` (input `{name}`) is NULL\n"),
-                    ));
-                }
+        let pointers = unsafe { read_pointers(&loss.loss, inputs, shapes, n_inputs) }?;
+        let arrays: Vec<crate::runtime::gpu::DeviceArray> = pointers
+            .into_iter()
+            .enumerate()
+            .map(|(i, (shape, _, data))| {
                 let grad = if grads.is_null() { std::ptr::null_mut() } else { unsafe { *grads.add(i) } };
-                arrays.push(crate::runtime::gpu::DeviceArray { shape, data: data as u64, grad: grad as u64 });
-            }
-        }
+                crate::runtime::gpu::DeviceArray { shape, data: data as u64, grad: grad as u64 }
+            })
+            .collect();
         let value = crate::runtime::gpu::evaluate(&loss.loss, &arrays, stream as usize)?;
         unsafe { *loss_out = value };
         Ok(Status::Ok)
