@@ -248,6 +248,9 @@ unsafe fn text<'a>(p: *const c_char, what: &str) -> Result<&'a str, Failure> {
 /// One of the caller's arrays: its `[batch, class, spatial]` extents and its values.
 type Array<'a, T> = ([usize; 3], &'a [T]);
 
+/// One of the caller's arrays before it is read: extents, length and pointer.
+type Unread<T> = ([usize; 3], usize, *const T);
+
 /// The caller's input arrays as `(shape, data)` pairs, checked for NULL and size.
 /// A count that does not match the loss is left for the loss's own check, which names
 /// the inputs.
@@ -283,7 +286,7 @@ unsafe fn read_pointers<T>(
     inputs: *const *const T,
     shapes: *const Shape,
     n: usize,
-) -> Result<Vec<([usize; 3], usize, *const T)>, Failure> {
+) -> Result<Vec<Unread<T>>, Failure> {
     if n == 0 {
         return Ok(vec![]);
     }
