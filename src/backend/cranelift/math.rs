@@ -184,7 +184,7 @@ impl Math {
         // r = x - n ln 2 in two steps (Cody-Waite): n * LN2_HI and x - n * LN2_HI are exact.
         let r = self.mul_add_k(b, n, -LN2_HI, x);
         let r = self.mul_add_k(b, n, -LN2_LO, r);
-        let p = self.poly(b, r, &EXP_POLY);
+        let p = self.poly(b, r, &EXP_POLY, 2);
         // Scale by 2^n as 2^(n/2) * 2^(n - n/2): both factors stay normal for n in [-150, 128],
         // so p * 2^(n/2) is exact and the second product rounds once, into a denormal or inf.
         let ti = as_int(b, t);
@@ -275,7 +275,7 @@ impl Math {
             Some(extra) => b.ins().fadd(small, extra),
             None => small,
         };
-        let q = self.poly(b, f, &LOG_POLY);
+        let q = self.poly(b, f, &LOG_POLY, 1);
         let f2 = b.ins().fmul(f, f);
         let small = self.mul_add(b, f2, q, small);
         b.ins().fadd(hi, small)
@@ -358,7 +358,7 @@ impl Math {
         let ax = abs(b, x);
         // Small |x|: |x| + |x|^3 P(x^2), so the leading term is exact.
         let x2 = b.ins().fmul(ax, ax);
-        let p = self.poly(b, x2, &TANH_POLY);
+        let p = self.poly(b, x2, &TANH_POLY, 3);
         let x3 = b.ins().fmul(x2, ax);
         let small = self.mul_add(b, x3, p, ax);
         // Larger |x|: 1 - 2z/(1 + z) with z = e^(-2|x|); z reaches 0 at |x| = inf, giving 1.
@@ -468,10 +468,30 @@ impl Math {
         self.mul_add(b, a, k, y)
     }
 
-    /// Horner's rule, coefficients highest degree first.
-    fn poly(self, b: &mut FunctionBuilder, x: Value, coeffs: &[f32]) -> Value {
-        let mut p = splat(b, coeffs[0]);
-        for &c in &coeffs[1..] {
+    /// A polynomial, coefficients highest degree first: Estrin's scheme for all but the
+    /// last `horner` coefficients, then Horner's rule for those. Estrin's pairs and powers
+    /// of x are independent, so the dependency chain is about log2 of the degree long
+    /// instead of the degree: these kernels are bound by latency, not by throughput. The
+    /// lowest terms (where rounding matters most) stay in Horner's exact-ish fma steps.
+    fn poly(self, b: &mut FunctionBuilder, x: Value, coeffs: &[f32], horner: usize) -> Value {
+        let (head, tail) = coeffs.split_at(coeffs.len() - horner);
+        // Lowest degree first: terms[i] is the coefficient of power^i.
+        let mut terms: Vec<Value> = head.iter().rev().map(|&c| splat(b, c)).collect();
+        let mut power = x;
+        while terms.len() > 1 {
+            terms = terms
+                .chunks(2)
+                .map(|pair| match *pair {
+                    [low, high] => self.mul_add(b, high, power, low),
+                    _ => pair[0],
+                })
+                .collect();
+            if terms.len() > 1 {
+                power = b.ins().fmul(power, power);
+            }
+        }
+        let mut p = terms[0];
+        for &c in tail {
             let c = splat(b, c);
             p = self.mul_add(b, p, x, c);
         }

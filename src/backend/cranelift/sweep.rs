@@ -462,6 +462,22 @@ impl Emitter<'_> {
         let lane_ids = b.ins().vconst(I32X4, lane_ids);
         let mask = b.ins().icmp(IntCC::SignedLessThan, lane_ids, live);
         let mask = b.ins().bitcast(F32X4, math::lanes(), mask);
+        // e^-|x| of each logistic argument, one step ahead (see `Emitter::ahead`): the
+        // first step's here, each next step's in the step before.
+        let ahead = self.ahead_plan(&body);
+        let mut ahead_vars: Vec<HashMap<(NodeId, usize), Variable>> = vec![HashMap::new(); UNROLL];
+        if !ahead.bases.is_empty() {
+            let here = self.positions(b, &rows, &write_rows);
+            let zero = b.ins().iconst(I64, 0);
+            let first = self.ahead(b, &ahead, &here, zero)?;
+            for (vars, zs) in ahead_vars.iter_mut().zip(first) {
+                for (key, z) in zs {
+                    let var = b.declare_var(F32X4);
+                    b.def_var(var, z);
+                    vars.insert(key, var);
+                }
+            }
+        }
         b.ins().jump(outer, &[]);
         b.switch_to_block(outer);
         let iv = b.use_var(i);
@@ -474,7 +490,25 @@ impl Emitter<'_> {
         b.switch_to_block(inner);
         let here = self.positions(b, &rows, &write_rows);
         let ats: Vec<At> = (0..UNROLL).map(|u| At(16 * u as i32)).collect();
-        let values = self.body(b, &body, &here.0, &here.1, &ats)?;
+        let seeds: Vec<Values> =
+            ahead_vars.iter().map(|vars| vars.iter().map(|(&key, &var)| (key, b.use_var(var))).collect()).collect();
+        if !ahead.bases.is_empty() {
+            // The next step's positions, or this step's again at the block's last step (its
+            // results are never used, and nothing past the block is read).
+            let iv = b.use_var(i);
+            let next = b.ins().iadd_imm_s(iv, 4 * UNROLL as i64);
+            let has_next = b.ins().icmp(IntCC::SignedLessThan, next, len);
+            let step = b.ins().iconst(I64, 16 * UNROLL as i64);
+            let zero = b.ins().iconst(I64, 0);
+            let step = b.ins().select(has_next, step, zero);
+            let zs = self.ahead(b, &ahead, &here, step)?;
+            for (vars, zs) in ahead_vars.iter().zip(zs) {
+                for (key, z) in zs {
+                    b.def_var(vars[&key], z);
+                }
+            }
+        }
+        let values = self.body(b, &body, &here.0, &here.1, &ats, &seeds)?;
         self.accumulate(b, &values, &narrow, mask);
         for (v, &at) in values.iter().zip(&ats) {
             self.store(b, v, &here.1, at);
@@ -505,13 +539,12 @@ impl Emitter<'_> {
     }
 
     /// The current addresses of the input rows and of the gradient rows.
-    #[allow(clippy::type_complexity)]
     fn positions(
         &self,
         b: &mut FunctionBuilder,
         rows: &HashMap<(usize, usize), Row>,
         write_rows: &[Vec<Row>],
-    ) -> (HashMap<(usize, usize), (Value, bool)>, Vec<Vec<Value>>) {
+    ) -> Positions {
         let inputs = rows.iter().map(|(k, r)| (*k, (r.get(b), matches!(r, Row::Fixed(_))))).collect();
         let writes = write_rows.iter().map(|list| list.iter().map(|r| r.get(b)).collect()).collect();
         (inputs, writes)
@@ -576,6 +609,7 @@ impl Emitter<'_> {
         rows: &HashMap<(usize, usize), (Value, bool)>,
         write_rows: &[Vec<Value>],
         ats: &[At],
+        seeds: &[Values],
     ) -> Result<Vec<Values>, String> {
         let g = self.g;
         let mut all: Vec<Values> = vec![HashMap::new(); ats.len()];
@@ -609,19 +643,10 @@ impl Emitter<'_> {
                     }
                     // sigmoid and softplus of x and of -x share e^-|x|, one division, one log1p.
                     Op::Sigmoid | Op::Softplus => {
-                        let (base, negated) = match g.node(node.args[0]).op {
-                            Op::Neg => (g.node(node.args[0]).args[0], true),
-                            _ => (node.args[0], false),
-                        };
+                        let (base, negated) = self.logistic_base(id);
                         // With sigmoid(x) stashed, sigmoid(-x) = 1 - sigmoid(x) (accurate to
                         // an ulp of 1: this only happens in gradient sweeps).
-                        let stashed = self.spec.stashed.iter().map(|(v, _)| *v).find(|&v| {
-                            negated
-                                && node.op == Op::Sigmoid
-                                && g.node(v).op == Op::Sigmoid
-                                && g.node(v).args[0] == base
-                        });
-                        if let Some(v) = stashed {
+                        if let Some(v) = self.stashed_sigmoid(id) {
                             for c in 0..n {
                                 let s = self.value(values, v, c);
                                 let one = math::splat(b, 1.0);
@@ -631,6 +656,9 @@ impl Emitter<'_> {
                         }
                         for c in 0..n {
                             let x = self.value(values, base, c);
+                            if let Some(&z) = seeds.get(copy).and_then(|zs| zs.get(&(base, c))) {
+                                logistic.seed(x, z);
+                            }
                             let v = if node.op == Op::Sigmoid {
                                 let (pos, neg) = logistic.sigmoids(self.math, b, x);
                                 if negated {
@@ -699,6 +727,85 @@ impl Emitter<'_> {
             }
         }
         Ok(all)
+    }
+
+    /// The argument of a logistic node (sigmoid or softplus, of x or of -x) and whether it
+    /// is negated.
+    fn logistic_base(&self, id: NodeId) -> (NodeId, bool) {
+        let arg = self.g.node(id).args[0];
+        match self.g.node(arg).op {
+            Op::Neg => (self.g.node(arg).args[0], true),
+            _ => (arg, false),
+        }
+    }
+
+    /// For sigmoid(-x) in a sweep that has sigmoid(x) stashed: that stashed value.
+    fn stashed_sigmoid(&self, id: NodeId) -> Option<NodeId> {
+        let g = self.g;
+        let (base, negated) = self.logistic_base(id);
+        self.spec.stashed.iter().map(|(v, _)| *v).find(|&v| {
+            negated && g.node(id).op == Op::Sigmoid && g.node(v).op == Op::Sigmoid && g.node(v).args[0] == base
+        })
+    }
+
+    /// Which e^-|x| are computed a step ahead: the arguments of the body's logistic nodes
+    /// (those not served by a stash) that vary over positions, and the body nodes they
+    /// need.
+    fn ahead_plan(&self, body: &[NodeId]) -> Ahead {
+        let g = self.g;
+        let mut bases: Vec<NodeId> = Vec::new();
+        for &id in body {
+            if matches!(g.node(id).op, Op::Sigmoid | Op::Softplus) && self.stashed_sigmoid(id).is_none() {
+                let (base, _) = self.logistic_base(id);
+                if body.contains(&base) && !bases.contains(&base) {
+                    bases.push(base);
+                }
+            }
+        }
+        let mut needed = std::collections::BTreeSet::new();
+        let mut stack = bases.clone();
+        while let Some(id) = stack.pop() {
+            if body.contains(&id) && needed.insert(id) && !self.spec.stashed.iter().any(|(v, _)| *v == id) {
+                stack.extend(g.node(id).args.iter().copied());
+            }
+        }
+        Ahead { bases, body: body.iter().copied().filter(|id| needed.contains(id)).collect() }
+    }
+
+    /// e^-|x| for each of `ahead`'s arguments at the positions `step` bytes past `here`, per
+    /// group of lanes. Computing them a step early is software pipelining: the chain from
+    /// the loads through exp no longer sits in front of the division, log and stores of
+    /// the same step, so the core overlaps two steps' chains instead of waiting on one.
+    fn ahead(
+        &self,
+        b: &mut FunctionBuilder,
+        ahead: &Ahead,
+        here: &Positions,
+        step: Value,
+    ) -> Result<Vec<Values>, String> {
+        let rows = here
+            .0
+            .iter()
+            .map(|(&k, &(row, fixed))| (k, (if fixed { row } else { b.ins().iadd(row, step) }, fixed)))
+            .collect();
+        let writes: Vec<Vec<Value>> =
+            here.1.iter().map(|list| list.iter().map(|&row| b.ins().iadd(row, step)).collect()).collect();
+        let ats: Vec<At> = (0..UNROLL).map(|u| At(16 * u as i32)).collect();
+        let none = vec![HashMap::new(); UNROLL];
+        let values = self.body(b, &ahead.body, &rows, &writes, &ats, &none)?;
+        Ok(values
+            .iter()
+            .map(|values| {
+                let mut zs = HashMap::new();
+                for &base in &ahead.bases {
+                    for c in 0..self.classes(base) {
+                        let x = self.value(values, base, c);
+                        zs.insert((base, c), self.math.exp_neg_abs(b, x));
+                    }
+                }
+                zs
+            })
+            .collect())
     }
 
     /// log(sum(exp(x))) over the vectors, shifted by their maximum; an infinite maximum
@@ -862,15 +969,21 @@ fn positive_normal(g: &Graph, id: NodeId) -> bool {
 /// one log.
 #[derive(Default)]
 struct Logistic {
+    seeded: HashMap<Value, Value>,
     parts: HashMap<Value, (Value, Value, Value)>,
     sigmoids: HashMap<Value, (Value, Value)>,
     log1p: HashMap<Value, Value>,
 }
 
 impl Logistic {
+    /// Takes z = e^-|x| as computed elsewhere (a step ahead).
+    fn seed(&mut self, x: Value, z: Value) {
+        self.seeded.insert(x, z);
+    }
     fn parts(&mut self, m: Math, b: &mut FunctionBuilder, x: Value) -> (Value, Value, Value) {
+        let seeded = self.seeded.get(&x).copied();
         *self.parts.entry(x).or_insert_with(|| {
-            let z = m.exp_neg_abs(b, x);
+            let z = seeded.unwrap_or_else(|| m.exp_neg_abs(b, x));
             let (u, r) = m.one_plus_recip(b, z);
             (z, u, r)
         })
@@ -896,6 +1009,17 @@ impl Logistic {
         l
     }
 }
+
+/// Logistic arguments whose e^-|x| is computed a step ahead, and the body nodes (in
+/// order) that compute them.
+struct Ahead {
+    bases: Vec<NodeId>,
+    body: Vec<NodeId>,
+}
+
+/// The current addresses of the input rows (and whether each is fixed) and of the gradient
+/// rows.
+type Positions = (HashMap<(usize, usize), (Value, bool)>, Vec<Vec<Value>>);
 
 /// Four lanes from `row` at `at`.
 fn load(b: &mut FunctionBuilder, row: Value, at: At) -> Value {
