@@ -2,4 +2,5 @@
 //! vector transcendentals (exp, log, sigmoid, ...) those kernels use.
 
 pub mod math;
+mod schedule;
 pub mod sweep;

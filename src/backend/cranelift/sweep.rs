@@ -17,9 +17,9 @@ use std::collections::HashMap;
 use cranelift_codegen::control::ControlPlane;
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::types::{F32, F32X4, F64X2, I32, I32X4, I64};
-use cranelift_codegen::ir::{AbiParam, ConstantData, InstBuilder, MemFlagsData, Value};
+use cranelift_codegen::ir::{AbiParam, Block, ConstantData, InstBuilder, MemFlagsData, Value};
 use cranelift_codegen::ir::{Function, Signature};
-use cranelift_codegen::isa::{OwnedTargetIsa, TargetIsa};
+use cranelift_codegen::isa::OwnedTargetIsa;
 use cranelift_codegen::settings::{self, Configurable};
 use cranelift_codegen::{verify_function, Context};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
@@ -28,6 +28,7 @@ use cranelift_module::{default_libcall_names, FuncId, Linkage, Module};
 use rayon::prelude::*;
 
 use super::math::{self, Math};
+use super::schedule;
 use crate::ir::{AxisSet, Graph, NodeId, Op};
 use crate::schedule::streamed;
 
@@ -166,11 +167,23 @@ pub struct Shape {
     pub spatial_broadcast: Vec<bool>,
 }
 
-/// The host's ISA, as `cranelift_native` detects it, tuned for speed.
-fn host_isa() -> Result<OwnedTargetIsa, String> {
+/// The host's ISA, as `cranelift_native` detects it, twice: to optimise the kernels, and
+/// to lower them after lossc's own passes without optimising (reordering) them again.
+struct Isas {
+    optimize: OwnedTargetIsa,
+    lower: OwnedTargetIsa,
+}
+
+impl Isas {
+    fn host() -> Result<Isas, String> {
+        Ok(Isas { optimize: host_isa("speed")?, lower: host_isa("none")? })
+    }
+}
+
+fn host_isa(opt_level: &str) -> Result<OwnedTargetIsa, String> {
     let mut flags = settings::builder();
     let set = |f: &mut settings::Builder, k: &str, v: &str| f.set(k, v).map_err(|e| format!("{k}={v}: {e}"));
-    set(&mut flags, "opt_level", "speed")?;
+    set(&mut flags, "opt_level", opt_level)?;
     // The verifier runs in debug builds (and so in the tests), not on users' compiles.
     set(&mut flags, "enable_verifier", if cfg!(debug_assertions) { "true" } else { "false" })?;
     cranelift_native::builder()
@@ -182,12 +195,13 @@ fn host_isa() -> Result<OwnedTargetIsa, String> {
 /// Compiles one kernel per spec, the kernels in parallel (each is self-contained machine
 /// code: no calls, constants in its own buffer).
 pub fn compile(g: &Graph, specs: &[SweepSpec], shape: &Shape) -> Result<Kernels, String> {
-    let isa = host_isa()?;
+    let isas = Isas::host()?;
     let codes: Vec<(Vec<u8>, u64)> = specs
         .par_iter()
         .enumerate()
-        .map(|(k, spec)| machine_code(g, spec, shape, &*isa, k))
+        .map(|(k, spec)| machine_code(g, spec, shape, &isas, k))
         .collect::<Result<_, _>>()?;
+    let isa = isas.lower;
     let mut module = JITModule::new(JITBuilder::with_isa(isa.clone(), default_libcall_names()));
     let mut signature = Signature::new(isa.default_call_conv());
     signature.params.push(AbiParam::new(I64));
@@ -212,31 +226,31 @@ pub fn compile(g: &Graph, specs: &[SweepSpec], shape: &Shape) -> Result<Kernels,
 }
 
 /// One kernel's machine code and its alignment.
-fn machine_code(
-    g: &Graph,
-    spec: &SweepSpec,
-    shape: &Shape,
-    isa: &dyn TargetIsa,
-    k: usize,
-) -> Result<(Vec<u8>, u64), String> {
+fn machine_code(g: &Graph, spec: &SweepSpec, shape: &Shape, isas: &Isas, k: usize) -> Result<(Vec<u8>, u64), String> {
+    let isa = &*isas.optimize;
     let mut func = Function::new();
     func.signature = Signature::new(isa.default_call_conv());
     func.signature.params.push(AbiParam::new(I64));
     let mut fctx = FunctionBuilderContext::new();
-    {
+    let inner = {
         let mut b = FunctionBuilder::new(&mut func, &mut fctx);
-        Emitter { g, spec, shape, math: Math::for_isa(isa), hoisted: HashMap::new() }.emit(&mut b)?;
+        let inner = Emitter { g, spec, shape, math: Math::for_isa(isa), hoisted: HashMap::new() }.emit(&mut b)?;
         b.seal_all_blocks();
         b.finalize(isa.frontend_config());
-    }
+        inner
+    };
     if cfg!(debug_assertions) {
         verify_function(&func, isa).map_err(|e| format!("sweep {k} does not verify: {e}"))?;
     }
     let mut ctx = Context::for_function(func);
+    ctx.optimize(&*isas.optimize, &mut ControlPlane::default()).map_err(|e| format!("sweep {k}: {e:?}"))?;
+    // From here on the loop's instruction order is ours: `isas.lower` optimises no further.
+    schedule::block(&mut ctx.func, inner);
     // LOSSC_DISASM=1 prints each kernel's machine code (for work on the code generator).
     let disasm = std::env::var_os("LOSSC_DISASM").is_some();
     ctx.set_disasm(disasm);
-    let code = ctx.compile(isa, &mut ControlPlane::default()).map_err(|e| format!("sweep {k}: {:?}", e.inner))?;
+    let code =
+        ctx.compile(&*isas.lower, &mut ControlPlane::default()).map_err(|e| format!("sweep {k}: {:?}", e.inner))?;
     if !code.buffer.relocs().is_empty() {
         return Err(format!("sweep {k} calls out of the kernel: its maths must be inline"));
     }
@@ -294,6 +308,9 @@ const FLUSH: i64 = 64;
 /// their dependency chains (exp, division, log) overlap.
 const UNROLL: usize = 1;
 
+/// The most vectors computed a step ahead (see `Emitter::ahead`).
+const MAX_AHEAD: usize = 2;
+
 /// Byte offsets of the `Args` fields.
 const ARG_INPUTS: i32 = 0;
 const ARG_INPUT_STRIDES: i32 = 8;
@@ -316,7 +333,8 @@ impl Emitter<'_> {
         classes_of(self.g, id, self.shape.classes)
     }
 
-    fn emit(&mut self, b: &mut FunctionBuilder) -> Result<(), String> {
+    /// Emits the kernel; returns the block of its loop over positions.
+    fn emit(&mut self, b: &mut FunctionBuilder) -> Result<Block, String> {
         let g = self.g;
         let leaves: Vec<NodeId> = self.spec.stashed.iter().map(|(v, _)| *v).collect();
         let (mut body, slots) = body_and_slots(g, &roots(&self.spec.sums, &self.spec.writes), &leaves);
@@ -535,7 +553,7 @@ impl Emitter<'_> {
             b.ins().store(MemFlagsData::trusted(), s, partials, (cell * 8) as i32);
         }
         b.ins().return_(&[]);
-        Ok(())
+        Ok(inner)
     }
 
     /// The current addresses of the input rows and of the gradient rows.
@@ -768,6 +786,12 @@ impl Emitter<'_> {
             if body.contains(&id) && needed.insert(id) && !self.spec.stashed.iter().any(|(v, _)| *v == id) {
                 stack.extend(g.node(id).args.iter().copied());
             }
+        }
+        // With many classes the body has independent chains enough, and carrying one
+        // vector per class across steps costs registers.
+        let carried: usize = bases.iter().map(|&b| self.classes(b)).sum();
+        if carried > MAX_AHEAD {
+            return Ahead { bases: Vec::new(), body: Vec::new() };
         }
         Ahead { bases, body: body.iter().copied().filter(|id| needed.contains(id)).collect() }
     }
