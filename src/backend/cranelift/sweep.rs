@@ -245,7 +245,9 @@ fn machine_code(g: &Graph, spec: &SweepSpec, shape: &Shape, isas: &Isas, k: usiz
     let mut ctx = Context::for_function(func);
     ctx.optimize(&*isas.optimize, &mut ControlPlane::default()).map_err(|e| format!("sweep {k}: {e:?}"))?;
     // From here on the loop's instruction order is ours: `isas.lower` optimises no further.
-    schedule::block(&mut ctx.func, inner);
+    if shape.classes == 1 {
+        schedule::block(&mut ctx.func, inner);
+    }
     // LOSSC_DISASM=1 prints each kernel's machine code (for work on the code generator).
     let disasm = std::env::var_os("LOSSC_DISASM").is_some();
     ctx.set_disasm(disasm);
