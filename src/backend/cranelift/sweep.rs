@@ -769,13 +769,14 @@ impl Emitter<'_> {
     }
 
     /// Which e^-|x| are computed a step ahead: the arguments of the body's logistic nodes
-    /// (those not served by a stash) that vary over positions, and the body nodes they
-    /// need.
+    /// (those not loaded from a stash or served by one) that vary over positions, and the
+    /// body nodes they need.
     fn ahead_plan(&self, body: &[NodeId]) -> Ahead {
         let g = self.g;
         let mut bases: Vec<NodeId> = Vec::new();
         for &id in body {
-            if matches!(g.node(id).op, Op::Sigmoid | Op::Softplus) && self.stashed_sigmoid(id).is_none() {
+            let logistic = matches!(g.node(id).op, Op::Sigmoid | Op::Softplus);
+            if logistic && !self.spec.stashed.iter().any(|(v, _)| *v == id) && self.stashed_sigmoid(id).is_none() {
                 let (base, _) = self.logistic_base(id);
                 if body.contains(&base) && !bases.contains(&base) {
                     bases.push(base);
