@@ -6,20 +6,25 @@
 //! on [`Math::for_isa`].
 //!
 //! Errors are in ulp of the f32 result against the exact (f64) result; below the normal range
-//! an ulp is 2^-149. "Max" is the worst case over all 2^32 inputs (an exhaustive run of this
-//! module's tests, `LOSSC_MATH_STRIDE=1`); pow's is over the samples its tests draw. The tests
+//! an ulp is 2^-149. "Max" is the worst case over every 7th of the 2^32 inputs
+//! (`LOSSC_MATH_STRIDE=7`, about 600 million; an exhaustive run, `LOSSC_MATH_STRIDE=1`, takes
+//! about three minutes per function); pow's is over the samples its tests draw. The tests
 //! assert the bounds on every 97th bit pattern and on the special values. Times are one Zen 3
 //! thread on a cache-resident buffer (`tests::throughput`).
 //!
 //! | function | method | max (FMA / none) | bound (FMA / none) | ns/value |
 //! |---|---|---|---|---|
-//! | `exp` | Cody-Waite reduction by ln 2, degree-6 polynomial, 2^n by integer adds | 0.89 / 1.17 | 1 / 1.25 | 1.2 |
-//! | `log` | split at sqrt(1/2), e ln 2 + f as two floats, f^2 Q(f) with degree-8 Q | 0.91 / 0.95 | 1 / 1 | 1.75 |
-//! | `log1p` | `log` of u = 1 + x plus c/u, c = 1 + x - u exactly | 0.91 / 1.03 | 1 / 1.25 | 2.2 |
-//! | `sigmoid` | z = e^-abs(x), then 1/(1+z) or z/(1+z) | 2.40 / 2.40 | 2.5 / 2.5 | 1.5 |
-//! | `softplus` | max(x, 0) + log1p(z), z = e^-abs(x) | 1.68 / 1.77 | 2 / 2 | 3.6 |
-//! | `tanh` | odd polynomial below 1.1, else 1 - 2z/(1+z), z = e^(-2 abs(x)) | 1.13 / 1.44 | 1.25 / 1.5 | 2.65 |
+//! | `exp` | Cody-Waite reduction by ln 2, degree-6 polynomial, 2^n by integer adds | 0.92 / 1.20 | 1 / 1.25 | 1.2 |
+//! | `log` | split at sqrt(1/2), e ln 2 + f as two floats, f^2 Q(f) with degree-8 Q | 0.93 / 0.93 | 1 / 1 | 1.5 |
+//! | `log1p` | `log` of u = 1 + x plus c/u, c = 1 + x - u exactly | 0.92 / 1.00 | 1 / 1.25 | 2.15 |
+//! | `sigmoid` | z = e^-abs(x), then 1/(1+z) or z/(1+z) | 2.33 / 2.33 | 2.5 / 2.5 | 1.5 |
+//! | `softplus` | max(x, 0) + log1p(z), z = e^-abs(x) | 1.67 / 1.72 | 2 / 2 | 3.2 |
+//! | `tanh` | odd polynomial below 1.1, else 1 - 2z/(1+z), z = e^(-2 abs(x)) | 1.09 / 1.43 | 1.25 / 1.5 | 2.6 |
 //! | `pow` | log and exp in f64x2 on promoted halves, C99 special cases | 0.50 / 0.50 | 0.51 / 0.51 | 9.6 |
+//!
+//! The polynomials are evaluated by Estrin's scheme but for their lowest one or two terms
+//! (Horner's rule there, where rounding matters most): in a fused loss kernel the chain of
+//! dependent multiply-adds, not their number, bounds the speed.
 //!
 //! sigmoid's error is mostly exp's relative error, which the quotient passes on and adds to;
 //! making it exact would cost a Newton step, and sigmoid's speed bounds fused CPU losses such
