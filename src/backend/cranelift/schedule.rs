@@ -124,3 +124,94 @@ fn latency(op: Opcode) -> u32 {
         _ => 1,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use cranelift_codegen::ir::types::{F32X4, I64};
+    use cranelift_codegen::ir::{AbiParam, InstBuilder, MemFlagsData, Signature};
+    use cranelift_codegen::isa::{CallConv, OwnedTargetIsa};
+    use cranelift_codegen::settings;
+    use cranelift_codegen::verify_function;
+    use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
+
+    use super::*;
+
+    /// One block: load a and b from `p`, two independent chains of `n` multiply-adds, store
+    /// each chain's result back to `p`. Returns the function, the block and each chain's
+    /// instructions in order.
+    fn two_chains(n: usize) -> (Function, Block, [Vec<Inst>; 2]) {
+        let mut func = Function::new();
+        func.signature = Signature::new(CallConv::SystemV);
+        func.signature.params.push(AbiParam::new(I64));
+        let mut fctx = FunctionBuilderContext::new();
+        let mut b = FunctionBuilder::new(&mut func, &mut fctx);
+        let block = b.create_block();
+        b.append_block_params_for_function_params(block);
+        b.switch_to_block(block);
+        let p = b.block_params(block)[0];
+        let flags = MemFlagsData::trusted();
+        let mut chains: [Vec<Inst>; 2] = Default::default();
+        let mut ends = Vec::new();
+        for (k, chain) in chains.iter_mut().enumerate() {
+            let mut v = b.ins().load(F32X4, flags, p, 16 * k as i32);
+            for _ in 0..n {
+                v = b.ins().fma(v, v, v);
+                chain.push(b.func.dfg.value_def(v).unwrap_inst());
+            }
+            ends.push(v);
+        }
+        for (k, v) in ends.into_iter().enumerate() {
+            b.ins().store(flags, v, p, 32 + 16 * k as i32);
+        }
+        b.ins().return_(&[]);
+        b.seal_all_blocks();
+        b.finalize(host().frontend_config());
+        (func, block, chains)
+    }
+
+    fn host() -> OwnedTargetIsa {
+        let flags = settings::Flags::new(settings::builder());
+        cranelift_native::builder().expect("a supported host").finish(flags).expect("an ISA")
+    }
+
+    fn position(func: &Function, block: Block, inst: Inst) -> usize {
+        func.layout.block_insts(block).position(|i| i == inst).expect("in the block")
+    }
+
+    #[test]
+    fn interleaves_independent_chains_and_keeps_the_function_valid() {
+        let (mut func, block, chains) = two_chains(8);
+        // Built one chain after the other.
+        assert!(position(&func, block, chains[0][7]) < position(&func, block, chains[1][0]));
+        let memory_before: Vec<Inst> = func
+            .layout
+            .block_insts(block)
+            .filter(|&i| func.dfg.insts[i].opcode().can_load() || func.dfg.insts[i].opcode().can_store())
+            .collect();
+        super::block(&mut func, block);
+        verify_function(&func, &*host()).unwrap_or_else(|e| panic!("{e}\n{}", func.display()));
+        // Now the second chain starts before the first ends, each chain keeps its order,
+        // the memory accesses keep theirs, and the return stays last.
+        assert!(position(&func, block, chains[1][0]) < position(&func, block, chains[0][7]), "{}", func.display());
+        for chain in &chains {
+            let at: Vec<usize> = chain.iter().map(|&i| position(&func, block, i)).collect();
+            assert!(at.windows(2).all(|w| w[0] < w[1]), "{}", func.display());
+        }
+        let memory_after: Vec<Inst> = func
+            .layout
+            .block_insts(block)
+            .filter(|&i| func.dfg.insts[i].opcode().can_load() || func.dfg.insts[i].opcode().can_store())
+            .collect();
+        assert_eq!(memory_before, memory_after);
+        let last = func.layout.last_inst(block).expect("a terminator");
+        assert!(func.dfg.insts[last].opcode().is_terminator());
+    }
+
+    #[test]
+    fn leaves_blocks_over_the_limit_alone() {
+        let (mut func, block, _) = two_chains(LARGEST / 2 + 1);
+        let before: Vec<Inst> = func.layout.block_insts(block).collect();
+        super::block(&mut func, block);
+        assert_eq!(func.layout.block_insts(block).collect::<Vec<_>>(), before);
+    }
+}
