@@ -5,6 +5,8 @@
 //! comparison measures the kernels' arithmetic, not the input conversion. Tolerances: the
 //! loss within 1e-5 relative, each gradient within 1e-5 of its largest magnitude.
 
+mod common;
+
 use lossc::runtime::{self, Engine};
 use lossc::synth::{self, Rng};
 use lossc::{Loss, Tensor, View};
@@ -51,20 +53,11 @@ fn compare(loss: &Loss, inputs: &[Tensor], want: &[bool], what: &str) -> Result<
         if !want[i] {
             continue;
         }
-        // A gradient that is exactly 0 in f64 comes out as float32 rounding noise: 1e-4
-        // absolute. On fewer than 8 elements gradients are differences of terms of order 1
-        // (one element is the whole intersection and union): 1e-4 of max|g| there.
         let scale = w.data.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-        let tolerance = if scale == 0.0 {
-            1e-4
-        } else if tiny {
-            1e-4 * scale
-        } else {
-            1e-5 * scale
-        };
+        let tolerance = common::gradient_tolerance(scale, tiny);
         for (k, (a, b)) in g.iter().zip(&w.data).enumerate() {
             let a = f64::from(*a);
-            if !((a - b).abs() <= tolerance || (a.is_nan() && b.is_nan())) {
+            if !common::within(a, *b, tolerance) {
                 return Err(format!(
                     "{} {what}: d/d{} [{k}] = {a} vs {b} (max |g| {scale})",
                     loss.name(),

@@ -9,6 +9,7 @@
 //! runs twice on the same buffers (bitwise the same), with a sweep grid of 1 and 2 blocks
 //! along the batch (bitwise the same: the result depends on `G` only), and with its f32
 //! buffers 4 bytes past a 16-byte boundary (no vector loads).
+mod common;
 mod ptx_sim;
 
 use lossc::backend::ptx::{self, Grid, Layout, Program, Target};
@@ -123,22 +124,10 @@ fn agrees(loss: &Loss, out: &Out, value: f64, grads: &[Tensor], tiny: bool, floo
     }
     for (i, (g, w)) in out.grads.iter().zip(grads).enumerate() {
         let Some(g) = g else { continue };
-        // As in tests/native.rs: an all-zero f64 gradient is f32 rounding noise (1e-4
-        // absolute); on fewer than 8 elements gradients are differences of terms of order 1.
         let scale = w.data.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-        let tolerance = if scale == 0.0 {
-            1e-4
-        } else if tiny {
-            1e-4 * scale
-        } else {
-            1e-5 * scale
-        };
-        let bad: Vec<usize> = (0..g.len())
-            .filter(|&k| {
-                let (a, b) = (f64::from(g[k]), w.data[k]);
-                !((a - b).abs() <= tolerance || (a.is_nan() && b.is_nan()))
-            })
-            .collect();
+        let tolerance = common::gradient_tolerance(scale, tiny);
+        let bad: Vec<usize> =
+            (0..g.len()).filter(|&k| !common::within(f64::from(g[k]), w.data[k], tolerance)).collect();
         if let Some(&k) = bad.first() {
             return Err(format!(
                 "d/d{} [{k}] = {} vs {} (max |g| {scale}; {} of {} elements off)",

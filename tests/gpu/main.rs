@@ -8,6 +8,9 @@
 
 use std::time::Instant;
 
+#[path = "../common/mod.rs"]
+mod common;
+
 use lossc::backend::ptx::THREADS;
 use lossc::runtime::cuda::{DeviceBuffer, Driver, Stream};
 use lossc::runtime::gpu::{self, DeviceArray};
@@ -117,15 +120,9 @@ fn every_stdlib_loss_agrees_with_the_cpu_path_and_repeats_bitwise() {
             let tiny = ext.iter().product::<usize>() < 8;
             for (i, (g, c)) in grads.iter().zip(&cpu).enumerate() {
                 let scale = c.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-                let tolerance = if scale == 0.0 {
-                    1e-4
-                } else if tiny {
-                    1e-4 * scale
-                } else {
-                    1e-5 * scale
-                };
+                let tolerance = common::gradient_tolerance(f64::from(scale), tiny);
                 if let Some(k) =
-                    g.iter().zip(c).position(|(a, b)| !((a - b).abs() <= tolerance || (a.is_nan() && b.is_nan())))
+                    g.iter().zip(c).position(|(a, b)| !common::within(f64::from(*a), f64::from(*b), tolerance))
                 {
                     failures.push(format!(
                         "{what}: d/d{} [{k}] = {} vs {} (max |g| {scale})",
