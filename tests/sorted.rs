@@ -72,13 +72,19 @@ fn agree_all_requests(loss: &Loss, case: &Case, what: &str) {
 /// `step` (off the relu kink at 0), and labels in {0, 1}.
 fn hinge_case(shape: [usize; 3], step: f64, rng: &mut Rng) -> Case {
     let n: usize = shape.iter().product();
-    let mut errors: Vec<f64> = (0..n).map(|i| (i as f64 - n as f64 / 2.0 + 0.5) * step).collect();
-    for i in (1..n).rev() {
-        errors.swap(i, rng.below(i + 1));
-    }
+    let errors: Vec<f64> = shuffled_grid(n, step, rng).iter().map(|e| e - n as f64 / 2.0 * step).collect();
     let y: Vec<f32> = (0..n).map(|_| if rng.uniform() < 0.4 { 1.0 } else { 0.0 }).collect();
     let x: Vec<f32> = errors.iter().zip(&y).map(|(e, &y)| ((1.0 - e) * (2.0 * f64::from(y) - 1.0)) as f32).collect();
     Case { shapes: vec![shape, shape], data: vec![x, y] }
+}
+
+/// (i + 1/2) step for i < n, in random order.
+fn shuffled_grid(n: usize, step: f64, rng: &mut Rng) -> Vec<f64> {
+    let mut grid: Vec<f64> = (0..n).map(|i| (i as f64 + 0.5) * step).collect();
+    for i in (1..n).rev() {
+        grid.swap(i, rng.below(i + 1));
+    }
+    grid
 }
 
 /// Whether keys, grouped, are all further apart than float32 rounding can blur.
@@ -189,9 +195,16 @@ fn user_sorted_blocks_agree_with_the_reference() {
     for shape in [[1, 1, 4099], [3, 1, 1000], [2, 4, 777], [1, 1, 1]] {
         let [b, c, s] = shape;
         let what = format!("{shape:?} (seed {seed})");
+        // Keys |x - y| on a shuffled grid per batch item (random draws of thousands of keys
+        // almost always hold two that float32 cannot tell apart).
         let draw = |r: &mut Rng| {
-            let x: Vec<f32> = (0..b * c * s).map(|_| r.normal() as f32).collect();
             let y: Vec<f32> = (0..b * c * s).map(|_| r.uniform() as f32).collect();
+            let keys: Vec<f64> = (0..b).flat_map(|_| shuffled_grid(c * s, 1e-3, r)).collect();
+            let x: Vec<f32> = y
+                .iter()
+                .zip(&keys)
+                .map(|(&y, k)| (f64::from(y) + if r.uniform() < 0.5 { -k } else { *k }) as f32)
+                .collect();
             Case { shapes: vec![shape, shape], data: vec![x, y] }
         };
         let case = redraw(&mut rng, draw, |case| {
@@ -201,9 +214,18 @@ fn user_sorted_blocks_agree_with_the_reference() {
         });
         agree_all_requests(&by_batch, &case, &what);
 
+        // Keys p (1 - y) + (1 - p) y = p or 1 - p on a shuffled grid in (0, 1) per class.
         let draw = |r: &mut Rng| {
             let mut case = draw(r);
             case.data[1].iter_mut().for_each(|v| *v = if *v < 0.5 { 0.0 } else { 1.0 });
+            for ci in 0..c {
+                let at: Vec<usize> = (0..b).flat_map(|bi| (0..s).map(move |si| (bi * c + ci) * s + si)).collect();
+                let keys = shuffled_grid(at.len(), 1.0 / at.len() as f64, r);
+                for (&i, k) in at.iter().zip(keys) {
+                    let p = if case.data[1][i] == 0.0 { k } else { 1.0 - k };
+                    case.data[0][i] = (p / (1.0 - p)).ln() as f32;
+                }
+            }
             case.shapes.push([1, c, 1]);
             case.data.push((0..c).map(|_| r.range(0.5, 2.0) as f32).collect());
             case
