@@ -18,7 +18,7 @@
 //! | `log` | split at sqrt(1/2), e ln 2 + f as two floats, f^2 Q(f) with degree-8 Q | 0.93 / 0.93 | 1 / 1 | 1.5 |
 //! | `log1p` | `log` of u = 1 + x plus c/u, c = 1 + x - u exactly | 0.92 / 1.00 | 1 / 1.25 | 2.15 |
 //! | `sigmoid` | z = e^-abs(x), then 1/(1+z) or z/(1+z) | 2.33 / 2.33 | 2.5 / 2.5 | 1.5 |
-//! | `softplus` | max(x, 0) + log1p(z), z = e^-abs(x) | 1.67 / 1.72 | 2 / 2 | 3.2 |
+//! | `softplus` | max(x, 0) + log1p(z), z = e^-abs(x); with FMA log1p(z) = 2 atanh(z/(2+z)), the quotient's rounding recovered | 1.51 / 1.72 | 2 / 2 | 2.1 |
 //! | `tanh` | odd polynomial below 1.1, else 1 - 2z/(1+z), z = e^(-2 abs(x)) | 1.09 / 1.43 | 1.25 / 1.5 | 2.6 |
 //! | `pow` | log and exp in f64x2 on promoted halves, C99 special cases | 0.50 / 0.50 | 0.51 / 0.51 | 9.6 |
 //!
@@ -126,6 +126,18 @@ const LOG_POLY: [f32; 9] = [
     f32::from_bits(0x3eaa_aaaa), // 0.33333331
     -0.5,
 ];
+
+/// Q(t) in log1p(z) = 2 atanh(s) = 2s + s^3 Q(s^2), s = z/(2+z) in [0, 1/3] (z in [0, 1]),
+/// highest degree first (degree 3). Relative error of 2s + s^3 Q(s^2): 4.5e-9 (0.08 * 2^-24).
+const ATANH_POLY: [f32; 4] = [
+    f32::from_bits(0x3e8f_6483), // 0.28006372
+    f32::from_bits(0x3e8f_6038), // 0.28003097
+    f32::from_bits(0x3ecc_e8e5), // 0.40021434
+    f32::from_bits(0x3f2a_aa81), // 0.66666418
+];
+
+/// 2/d ~ INV_LINE[0] d + INV_LINE[1] on d in [2, 3], within 2.05%.
+const INV_LINE: [f32; 2] = [-0.326_25, 1.632];
 
 /// Below this |x|, tanh uses the odd polynomial. Above it z = e^(-2|x|) <= 0.111, so in
 /// 1 - 2z/(1+z) the rounded quotient is at most a quarter of the result.
@@ -304,14 +316,46 @@ impl Math {
         // Neither term overflows; for x = NaN, z and so the log are NaN.
         let nx = neg_abs(b, x);
         let z = self.exp_le_89(b, nx);
-        let one = splat(b, 1.0);
-        let u = b.ins().fadd(z, one);
-        let um1 = b.ins().fsub(u, one);
-        let c = b.ins().fsub(z, um1); // z <= 1, so Fast2Sum's order holds
-        let l = self.log1p_split(b, u, c, None);
-        let zero = splat(b, 0.0);
-        let pos = max(b, x, zero);
-        b.ins().fadd(pos, l)
+        let l = self.log1p_unit(b, z);
+        self.positive_part_plus(b, x, l)
+    }
+
+    /// log1p(z) for z in [0, 1] (or NaN), such as e^-|x|: 2 atanh(s) = 2s + s^3 Q(s^2) with
+    /// s = z/(2+z) in [0, 1/3]. No reduction: one division and a degree-3 polynomial, where
+    /// the general [`Math::log1p`] splits exponent and mantissa and needs degree 8. The
+    /// rounding errors of 2 + z and of the quotient are recovered exactly and added in as a
+    /// correction to 2s, so that only the last add rounds at the result's scale.
+    ///
+    /// That recovery takes an fma; without FMA this is `log1p`'s general path.
+    pub fn log1p_unit(self, b: &mut FunctionBuilder, z: Value) -> Value {
+        if !self.fused {
+            let one = splat(b, 1.0);
+            let u = b.ins().fadd(z, one);
+            let um1 = b.ins().fsub(u, one);
+            let c = b.ins().fsub(z, um1); // z <= 1, so Fast2Sum's order holds
+            return self.log1p_split(b, u, c, None);
+        }
+        let two = splat(b, 2.0);
+        let d = b.ins().fadd(z, two);
+        let s = b.ins().fdiv(z, d);
+        let t = b.ins().fmul(s, s);
+        let q = self.poly(b, t, &ATANH_POLY, 1);
+        let st = b.ins().fmul(s, t);
+        let twice = b.ins().fadd(s, s);
+        // The exact quotient is z/(d + c) = s + (res - s c)/(d + c), with c = 2 + z - d
+        // (exact: Fast2Sum, 2 >= z) and res = z - s d (exact, one fma). The correction is
+        // about an ulp of s, so 2/d to 2% (a line through [2, 3]) will do.
+        let dm2 = b.ins().fsub(d, two);
+        let c = b.ins().fsub(z, dm2);
+        let ns = b.ins().fneg(s); // folds into the fmas (vfnmadd)
+        let res = b.ins().fma(ns, d, z);
+        let err = b.ins().fma(ns, c, res);
+        let k = splat(b, INV_LINE[0]);
+        let k0 = splat(b, INV_LINE[1]);
+        let twice_inv = b.ins().fma(d, k, k0);
+        let correction = b.ins().fmul(err, twice_inv);
+        let small = b.ins().fma(st, q, correction);
+        b.ins().fadd(twice, small)
     }
 
     /// e^-|x|, the value sigmoid and softplus of x and of -x are all built from; in [0, 1].
@@ -320,12 +364,11 @@ impl Math {
         self.exp_le_89(b, nx)
     }
 
-    /// u = 1 + z and 1/u for z = `exp_neg_abs(x)`: the one division sigmoid and softplus
-    /// of x and -x share.
-    pub fn one_plus_recip(self, b: &mut FunctionBuilder, z: Value) -> (Value, Value) {
+    /// 1/(1 + z) for z = `exp_neg_abs(x)`: the one division sigmoid(x) and sigmoid(-x) share.
+    pub fn one_plus_recip(self, b: &mut FunctionBuilder, z: Value) -> Value {
         let one = splat(b, 1.0);
         let u = b.ins().fadd(z, one);
-        (u, b.ins().fdiv(one, u))
+        b.ins().fdiv(one, u)
     }
 
     /// sigmoid(x) and sigmoid(-x) from z = `exp_neg_abs(x)` and r = 1/(1+z): r on the side
@@ -337,18 +380,6 @@ impl Math {
         let pos = select(b, neg, small, r);
         let negated = select(b, neg, r, small);
         (pos, negated)
-    }
-
-    /// log1p(z) for z = `exp_neg_abs(x)` from u = 1 + z and r = 1/u (softplus(±x) =
-    /// max(±x, 0) + log1p(z)); the rounding error of u is divided by u as a product with r.
-    pub fn log1p_exp_neg_abs(self, b: &mut FunctionBuilder, z: Value, u: Value, r: Value) -> Value {
-        let one = splat(b, 1.0);
-        let um1 = b.ins().fsub(u, one);
-        let c = b.ins().fsub(z, um1); // z <= 1, so Fast2Sum's order holds
-        let (e, f) = split(b, u, false);
-        // ln(u + c) = ln(u) + c/u to within c^2, and ln u = e ln 2 + log1p(f).
-        let extra = b.ins().fmul(c, r);
-        self.log_reduced(b, e, f, Some(extra))
     }
 
     /// max(x, 0) + l, softplus's last step.

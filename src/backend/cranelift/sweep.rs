@@ -991,13 +991,12 @@ fn positive_normal(g: &Graph, id: NodeId) -> bool {
     lo >= 1e-30 && hi <= 1e30
 }
 
-/// Shared parts of sigmoid and softplus within one body, by argument: z = e^-|x|, u = 1 + z
-/// and 1/u, so that all four of sigmoid(±x), softplus(±x) cost one exp, one division and
-/// one log.
+/// Shared parts of sigmoid and softplus within one body, by argument: z = e^-|x| and
+/// 1/(1 + z), so that all four of sigmoid(±x), softplus(±x) cost one exp, a division for
+/// the sigmoids and one for the log.
 #[derive(Default)]
 struct Logistic {
-    seeded: HashMap<Value, Value>,
-    parts: HashMap<Value, (Value, Value, Value)>,
+    z: HashMap<Value, Value>,
     sigmoids: HashMap<Value, (Value, Value)>,
     log1p: HashMap<Value, Value>,
 }
@@ -1005,22 +1004,18 @@ struct Logistic {
 impl Logistic {
     /// Takes z = e^-|x| as computed elsewhere (a step ahead).
     fn seed(&mut self, x: Value, z: Value) {
-        self.seeded.insert(x, z);
+        self.z.insert(x, z);
     }
-    fn parts(&mut self, m: Math, b: &mut FunctionBuilder, x: Value) -> (Value, Value, Value) {
-        let seeded = self.seeded.get(&x).copied();
-        *self.parts.entry(x).or_insert_with(|| {
-            let z = seeded.unwrap_or_else(|| m.exp_neg_abs(b, x));
-            let (u, r) = m.one_plus_recip(b, z);
-            (z, u, r)
-        })
+    fn z(&mut self, m: Math, b: &mut FunctionBuilder, x: Value) -> Value {
+        *self.z.entry(x).or_insert_with(|| m.exp_neg_abs(b, x))
     }
     /// (sigmoid(x), sigmoid(-x)).
     fn sigmoids(&mut self, m: Math, b: &mut FunctionBuilder, x: Value) -> (Value, Value) {
         if let Some(&p) = self.sigmoids.get(&x) {
             return p;
         }
-        let (z, _, r) = self.parts(m, b, x);
+        let z = self.z(m, b, x);
+        let r = m.one_plus_recip(b, z);
         let p = m.sigmoid_pair(b, x, z, r);
         self.sigmoids.insert(x, p);
         p
@@ -1030,8 +1025,8 @@ impl Logistic {
         if let Some(&l) = self.log1p.get(&x) {
             return l;
         }
-        let (z, u, r) = self.parts(m, b, x);
-        let l = m.log1p_exp_neg_abs(b, z, u, r);
+        let z = self.z(m, b, x);
+        let l = m.log1p_unit(b, z);
         self.log1p.insert(x, l);
         l
     }
