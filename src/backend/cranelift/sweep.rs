@@ -688,8 +688,11 @@ impl Emitter<'_> {
                                 }
                             } else {
                                 let l = logistic.log1p(self.math, b, x);
-                                let arg = if negated { b.ins().fneg(x) } else { x };
-                                self.math.positive_part_plus(b, arg, l)
+                                if negated {
+                                    self.math.negative_part_plus(b, x, l)
+                                } else {
+                                    self.math.positive_part_plus(b, x, l)
+                                }
                             };
                             values.insert((id, c), v);
                         }
