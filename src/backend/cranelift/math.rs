@@ -187,8 +187,9 @@ impl Math {
         self.exp_le_89(b, x)
     }
 
-    /// e^x for x <= 89 or NaN (callers that know x <= 0 skip the upper clamp).
-    fn exp_le_89(self, b: &mut FunctionBuilder, x: Value) -> Value {
+    /// e^x for x <= 89 or NaN (callers that know x <= 0, such as x - max in a softmax,
+    /// skip [`Math::exp`]'s upper clamp). Within 1 ulp, like `exp`.
+    pub fn exp_le_89(self, b: &mut FunctionBuilder, x: Value) -> Value {
         // Below -104 every result rounds to 0; clamping keeps n >= -150. `max` keeps a NaN x.
         let lo = splat(b, -104.0);
         let x = max(b, lo, x);

@@ -862,8 +862,8 @@ impl Emitter<'_> {
         let exps: Vec<Value> = xs
             .iter()
             .map(|&x| {
-                let d = b.ins().fsub(x, m);
-                self.math.exp(b, d)
+                let d = b.ins().fsub(x, m); // <= 0, or NaN
+                self.math.exp_le_89(b, d)
             })
             .collect();
         let mut s = exps[0];
