@@ -446,9 +446,12 @@ impl Emitter<'_> {
             }
             wide.push(halves);
         }
-        let flush = |b: &mut FunctionBuilder| {
+        // Lanes past `live` (a padded run of fewer than four positions, which is one step)
+        // are dropped here, once per run, rather than at every step's add.
+        let flush = |b: &mut FunctionBuilder, mask: Value| {
             for (&var, halves) in narrow.iter().zip(&wide) {
                 let a = b.use_var(var);
+                let a = b.ins().band(a, mask);
                 let high = math::high_to_low(b, a);
                 for (h, part) in halves.iter().zip([a, high]) {
                     let x = b.ins().fvpromote_low(part);
@@ -529,7 +532,7 @@ impl Emitter<'_> {
             }
         }
         let values = self.body(b, &body, &here.0, &here.1, &ats, &seeds)?;
-        self.accumulate(b, &values, &narrow, mask);
+        self.accumulate(b, &values, &narrow);
         for (v, &at) in values.iter().zip(&ats) {
             self.store(b, v, &here.1, at);
         }
@@ -538,12 +541,12 @@ impl Emitter<'_> {
         b.ins().brif(more, inner, &[], flush_block, &[]);
 
         b.switch_to_block(flush_block);
-        flush(b);
+        flush(b, mask);
         b.ins().jump(outer, &[]);
 
         // Lanes summed in f64, in a fixed order, into the block's partials.
         b.switch_to_block(done);
-        flush(b);
+        flush(b, mask);
         for (cell, halves) in wide.iter().enumerate() {
             let [lo, hi] = halves.map(|h| {
                 let v = b.use_var(h);
@@ -570,8 +573,9 @@ impl Emitter<'_> {
         (inputs, writes)
     }
 
-    /// Adds each summed value to its f32 accumulator (lanes outside `mask` add 0).
-    fn accumulate(&self, b: &mut FunctionBuilder, values: &[Values], narrow: &[Variable], mask: Value) {
+    /// Adds each summed value to its f32 accumulator (all four lanes: `flush` drops the
+    /// lanes of a padded run that are not live).
+    fn accumulate(&self, b: &mut FunctionBuilder, values: &[Values], narrow: &[Variable]) {
         let mut vars = narrow.iter();
         for &operand in &self.spec.sums {
             for c in 0..self.classes(operand) {
@@ -581,7 +585,6 @@ impl Emitter<'_> {
                     let w = self.value(more, operand, c);
                     v = b.ins().fadd(v, w);
                 }
-                v = b.ins().band(v, mask);
                 let a = b.use_var(var);
                 let s = b.ins().fadd(a, v);
                 b.def_var(var, s);
