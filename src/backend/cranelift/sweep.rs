@@ -272,23 +272,20 @@ type Values = HashMap<(NodeId, usize), Value>;
 #[derive(Clone, Copy)]
 struct At(i32);
 
-/// A row of a tensor: its address at the current position, advanced as the loop goes, or
-/// fixed (an input broadcast along positions).
+/// A row of a tensor: its address at the block's first position, read at the loop's
+/// byte offset (one index register for every row: a many-class kernel has too many rows
+/// to keep a moving pointer for each in a register), or fixed (an input broadcast along
+/// positions).
 #[derive(Clone, Copy)]
 enum Row {
-    Moving(Variable),
+    Moving(Value),
     Fixed(Value),
 }
 
 impl Row {
-    fn moving(b: &mut FunctionBuilder, start: Value) -> Row {
-        let v = b.declare_var(I64);
-        b.def_var(v, start);
-        Row::Moving(v)
-    }
-    fn get(&self, b: &mut FunctionBuilder) -> Value {
+    fn get(&self, b: &mut FunctionBuilder, offset: Value) -> Value {
         match *self {
-            Row::Moving(v) => b.use_var(v),
+            Row::Moving(start) => b.ins().iadd(start, offset),
             Row::Fixed(p) => p,
         }
     }
@@ -386,7 +383,7 @@ impl Emitter<'_> {
                 let fixed = self.shape.spatial_broadcast[i];
                 for c in 0..self.classes(id) {
                     let start = row_start(b, base, bs, cs, c, !fixed);
-                    rows.insert((i, c), if fixed { Row::Fixed(start) } else { Row::moving(b, start) });
+                    rows.insert((i, c), if fixed { Row::Fixed(start) } else { Row::Moving(start) });
                 }
             }
         }
@@ -395,12 +392,7 @@ impl Emitter<'_> {
             let base = field(b, grads, 8 * w as i32);
             let bs = field(b, grad_strides, 16 * w as i32);
             let cs = field(b, grad_strides, 16 * w as i32 + 8);
-            let list = (0..write.rows)
-                .map(|c| {
-                    let start = row_start(b, base, bs, cs, c, true);
-                    Row::moving(b, start)
-                })
-                .collect();
+            let list = (0..write.rows).map(|c| Row::Moving(row_start(b, base, bs, cs, c, true))).collect();
             write_rows.push(list);
         }
         // Tail slots and constants, splatted once per block.
@@ -462,20 +454,12 @@ impl Emitter<'_> {
                 b.def_var(var, zero);
             }
         };
-        let advance =
-            |b: &mut FunctionBuilder, rows: &HashMap<(usize, usize), Row>, write_rows: &[Vec<Row>], groups: usize| {
-                for row in rows.values().chain(write_rows.iter().flatten()) {
-                    if let Row::Moving(var) = *row {
-                        let p = b.use_var(var);
-                        let p = b.ins().iadd_imm_s(p, 16 * groups as i64);
-                        b.def_var(var, p);
-                    }
-                }
-                let iv = b.use_var(i);
-                let next = b.ins().iadd_imm_s(iv, 4 * groups as i64);
-                b.def_var(i, next);
-                next
-            };
+        let advance = |b: &mut FunctionBuilder, groups: usize| {
+            let iv = b.use_var(i);
+            let next = b.ins().iadd_imm_s(iv, 4 * groups as i64);
+            b.def_var(i, next);
+            next
+        };
         // Runs of up to FLUSH positions, four at a time, summed in f32, then moved into f64.
         let live = field(b, args, ARG_LIVE);
         let live = b.ins().ireduce(I32, live);
@@ -490,7 +474,8 @@ impl Emitter<'_> {
         let ahead = self.ahead_plan(&body);
         let mut ahead_vars: Vec<HashMap<(NodeId, usize), Variable>> = vec![HashMap::new(); UNROLL];
         if !ahead.bases.is_empty() {
-            let here = self.positions(b, &rows, &write_rows);
+            let zero = b.ins().iconst(I64, 0);
+            let here = self.positions(b, &rows, &write_rows, zero);
             let zero = b.ins().iconst(I64, 0);
             let first = self.ahead(b, &ahead, &here, zero)?;
             for (vars, zs) in ahead_vars.iter_mut().zip(first) {
@@ -511,7 +496,9 @@ impl Emitter<'_> {
         b.ins().brif(more, inner, &[], done, &[]);
 
         b.switch_to_block(inner);
-        let here = self.positions(b, &rows, &write_rows);
+        let iv = b.use_var(i);
+        let offset = b.ins().ishl_imm_u(iv, 2);
+        let here = self.positions(b, &rows, &write_rows, offset);
         let ats: Vec<At> = (0..UNROLL).map(|u| At(16 * u as i32)).collect();
         let seeds: Vec<Values> =
             ahead_vars.iter().map(|vars| vars.iter().map(|(&key, &var)| (key, b.use_var(var))).collect()).collect();
@@ -536,7 +523,7 @@ impl Emitter<'_> {
         for (v, &at) in values.iter().zip(&ats) {
             self.store(b, v, &here.1, at);
         }
-        let next = advance(b, &rows, &write_rows, UNROLL);
+        let next = advance(b, UNROLL);
         let more = b.ins().icmp(IntCC::SignedLessThan, next, stop);
         b.ins().brif(more, inner, &[], flush_block, &[]);
 
@@ -561,15 +548,16 @@ impl Emitter<'_> {
         Ok(inner)
     }
 
-    /// The current addresses of the input rows and of the gradient rows.
+    /// The addresses of the input rows and of the gradient rows `offset` bytes into the block.
     fn positions(
         &self,
         b: &mut FunctionBuilder,
         rows: &HashMap<(usize, usize), Row>,
         write_rows: &[Vec<Row>],
+        offset: Value,
     ) -> Positions {
-        let inputs = rows.iter().map(|(k, r)| (*k, (r.get(b), matches!(r, Row::Fixed(_))))).collect();
-        let writes = write_rows.iter().map(|list| list.iter().map(|r| r.get(b)).collect()).collect();
+        let inputs = rows.iter().map(|(k, r)| (*k, (r.get(b, offset), matches!(r, Row::Fixed(_))))).collect();
+        let writes = write_rows.iter().map(|list| list.iter().map(|r| r.get(b, offset)).collect()).collect();
         (inputs, writes)
     }
 
