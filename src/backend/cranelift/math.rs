@@ -18,7 +18,7 @@
 //! | `log` | split at sqrt(1/2), e ln 2 + f as two floats, f^2 Q(f) with degree-8 Q | 0.93 / 0.93 | 1 / 1 | 1.5 |
 //! | `log1p` | `log` of u = 1 + x plus c/u, c = 1 + x - u exactly | 0.92 / 1.00 | 1 / 1.25 | 2.15 |
 //! | `sigmoid` | z = e^-abs(x), then 1/(1+z) or z/(1+z) | 2.33 / 2.33 | 2.5 / 2.5 | 1.5 |
-//! | `softplus` | max(x, 0) + log1p(z), z = e^-abs(x); with FMA log1p(z) = 2 atanh(z/(2+z)), the quotient's rounding recovered | 1.51 / 1.72 | 2 / 2 | 2.1 |
+//! | `softplus` | max(x, 0) + log1p(z), z = e^-abs(x); with FMA log1p(z) = 2 atanh(z/(2+z)), the quotient's rounding recovered | 1.51 / 1.72 | 2 / 2 | 2.2 |
 //! | `tanh` | odd polynomial below 1.1, else 1 - 2z/(1+z), z = e^(-2 abs(x)) | 1.09 / 1.43 | 1.25 / 1.5 | 2.6 |
 //! | `pow` | log and exp in f64x2 on promoted halves, C99 special cases | 0.50 / 0.50 | 0.51 / 0.51 | 9.6 |
 //!
