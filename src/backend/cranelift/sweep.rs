@@ -829,8 +829,6 @@ impl Emitter<'_> {
             .collect())
     }
 
-    /// log(sum(exp(x))) over the vectors, shifted by their maximum; an infinite maximum
-    /// is the result (as in the reference), a NaN anywhere gives NaN.
     /// The class log-sum-exp `l` when `arg` is `x - l` with `l = logsumexp(x, over class)`.
     fn softmax_of(&self, arg: NodeId) -> Option<NodeId> {
         let n = self.g.node(arg);
@@ -843,7 +841,9 @@ impl Emitter<'_> {
             .then_some(l)
     }
 
-    /// Also returns the shifted exponentials e^(x - max) and their sum, which softmax reuses.
+    /// log(sum(exp(x))) over the vectors, shifted by their maximum; an infinite maximum
+    /// is the result (as in the reference), a NaN anywhere gives NaN. Also returns the
+    /// shifted exponentials e^(x - max) and their sum, which softmax reuses.
     fn log_sum_exp(&self, b: &mut FunctionBuilder, xs: &[Value]) -> (Value, Vec<Value>, Value) {
         // `maxps` drops NaNs; a NaN still reaches the sum of exponentials (checked below).
         let mut m = xs[0];
