@@ -217,6 +217,35 @@ fn non_finite_inputs_give_nan_not_a_crash() {
     assert!(value.is_nan());
 }
 
+/// Infinite and huge logits through sigmoid and softplus of x and of -x (which share
+/// e^-|x| and take max(x, 0) and min(x, 0) apart): the reference's values and gradients.
+#[test]
+fn infinite_logits_give_the_reference_values() {
+    let x = [f32::INFINITY, f32::NEG_INFINITY, 0.0, 3.5, -3.5, 1e30, -1e30, 20.0, -20.0];
+    let n = x.len();
+    let y: Vec<f32> = (0..n).map(|i| (i % 2) as f32).collect();
+    let views = [View::new([1, 1, n], &x), View::new([1, 1, n], &y)];
+    let tensors: Vec<Tensor> = views.iter().map(View::to_tensor).collect();
+    let same = |a: f64, b: f64| a == b || (a.is_nan() && b.is_nan()) || (a - b).abs() <= 1e-6 * b.abs().max(1e-30);
+    for source in [
+        "sum(softplus(-x))",
+        "sum(softplus(x) * y)",
+        "sum(sigmoid(x) + 2 * sigmoid(-x))",
+        "sum(log(sigmoid(x)) * y)",
+        "sum(softplus(-x) * y + softplus(x))",
+    ] {
+        let loss = Loss::compile(&format!("loss f(x, y) = {source};"), "").expect("compiles");
+        let mut g = vec![0.0f32; n];
+        let got = loss.evaluate(&views, &mut [Some(&mut g), None]).expect("evaluates");
+        let refs: Vec<&Tensor> = tensors.iter().collect();
+        let (want, grads) = loss.eval_grad(&refs).expect("the reference evaluates");
+        assert!(same(got, want), "{source}: native {got}, reference {want}");
+        for (i, (&a, &b)) in g.iter().zip(&grads[0].data).enumerate() {
+            assert!(same(f64::from(a), b), "{source}: d/dx at x = {}: native {a}, reference {b}", x[i]);
+        }
+    }
+}
+
 /// NaN in an input reaches the loss and the gradients where the reference has it: through
 /// `min`, `max` and `clamp` (one `minps`/`maxps` each, which alone would drop a NaN) and
 /// through the class log-sum-exp (whose maximum skips NaNs; the sum catches them).

@@ -324,8 +324,9 @@ impl Math {
     /// log1p(z) for z in [0, 1] (or NaN), such as e^-|x|: 2 atanh(s) = 2s + s^3 Q(s^2) with
     /// s = z/(2+z) in [0, 1/3]. No reduction: one division and a degree-3 polynomial, where
     /// the general [`Math::log1p`] splits exponent and mantissa and needs degree 8. The
-    /// rounding errors of 2 + z and of the quotient are recovered exactly and added in as a
-    /// correction to 2s, so that only the last add rounds at the result's scale.
+    /// rounding errors of 2 + z and of the quotient are recovered exactly, and the
+    /// quotient's error they make is added in (to first order) as a correction to 2s, so
+    /// that only the last add rounds at the result's scale.
     ///
     /// That recovery takes an fma; without FMA this is `log1p`'s general path.
     pub fn log1p_unit(self, b: &mut FunctionBuilder, z: Value) -> Value {
@@ -390,13 +391,13 @@ impl Math {
         b.ins().fadd(pos, l)
     }
 
-    /// max(-x, 0) + l, softplus(-x)'s last step, as (max(x, 0) - x) + l: the difference is
-    /// exact, and shares max(x, 0) with softplus(x) where a negation costs three instructions.
+    /// max(-x, 0) + l, softplus(-x)'s last step, as l - min(x, 0): exact (the same rounding
+    /// as max(-x, 0) + l), right at x = ±inf, and without a negation (three instructions on
+    /// x64).
     pub fn negative_part_plus(self, b: &mut FunctionBuilder, x: Value, l: Value) -> Value {
         let zero = splat(b, 0.0);
-        let pos = max(b, x, zero);
-        let neg = b.ins().fsub(pos, x);
-        b.ins().fadd(neg, l)
+        let neg = min(b, x, zero);
+        b.ins().fsub(l, neg)
     }
 
     /// See [`tanh`].

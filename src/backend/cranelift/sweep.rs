@@ -360,8 +360,8 @@ impl Emitter<'_> {
         let s0 = field(b, args, ARG_S0);
         let len = field(b, args, ARG_LEN);
 
-        // Row pointers at the current position, carried in variables and advanced by four
-        // positions per step (a fixed row, for inputs broadcast along positions).
+        // Row addresses at the block's first position, read at the loop's offset (a fixed
+        // row, for inputs broadcast along positions, at every position).
         let row_start = |b: &mut FunctionBuilder, base: Value, bs: Value, cs: Value, c: usize, along: bool| {
             let mut offset = b.ins().imul(batch, bs);
             if along {
