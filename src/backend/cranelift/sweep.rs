@@ -439,8 +439,16 @@ impl Emitter<'_> {
             wide.push(halves);
         }
         // Lanes past `live` (a padded run of fewer than four positions, which is one step)
-        // are dropped here, once per run, rather than at every step's add.
-        let flush = |b: &mut FunctionBuilder, mask: Value| {
+        // are dropped when a run is moved into f64, rather than at every step's add.
+        let live = field(b, args, ARG_LIVE);
+        let live = b.ins().ireduce(I32, live);
+        let live = b.ins().splat(I32X4, live);
+        let lane_bytes: Vec<u8> = (0u32..4).flat_map(|k| k.to_le_bytes()).collect();
+        let lane_ids = b.func.dfg.constants.insert(ConstantData::from(lane_bytes));
+        let lane_ids = b.ins().vconst(I32X4, lane_ids);
+        let mask = b.ins().icmp(IntCC::SignedLessThan, lane_ids, live);
+        let mask = b.ins().bitcast(F32X4, math::lanes(), mask);
+        let flush = |b: &mut FunctionBuilder| {
             for (&var, halves) in narrow.iter().zip(&wide) {
                 let a = b.use_var(var);
                 let a = b.ins().band(a, mask);
@@ -460,15 +468,6 @@ impl Emitter<'_> {
             b.def_var(i, next);
             next
         };
-        // Runs of up to FLUSH positions, four at a time, summed in f32, then moved into f64.
-        let live = field(b, args, ARG_LIVE);
-        let live = b.ins().ireduce(I32, live);
-        let live = b.ins().splat(I32X4, live);
-        let lane_bytes: Vec<u8> = (0u32..4).flat_map(|k| k.to_le_bytes()).collect();
-        let lane_ids = b.func.dfg.constants.insert(ConstantData::from(lane_bytes));
-        let lane_ids = b.ins().vconst(I32X4, lane_ids);
-        let mask = b.ins().icmp(IntCC::SignedLessThan, lane_ids, live);
-        let mask = b.ins().bitcast(F32X4, math::lanes(), mask);
         // e^-|x| of each logistic argument, one step ahead (see `Emitter::ahead`): the
         // first step's here, each next step's in the step before.
         let ahead = self.ahead_plan(&body);
@@ -486,6 +485,7 @@ impl Emitter<'_> {
                 }
             }
         }
+        // Runs of up to FLUSH positions, four at a time, summed in f32, then moved into f64.
         b.ins().jump(outer, &[]);
         b.switch_to_block(outer);
         let iv = b.use_var(i);
@@ -528,12 +528,12 @@ impl Emitter<'_> {
         b.ins().brif(more, inner, &[], flush_block, &[]);
 
         b.switch_to_block(flush_block);
-        flush(b, mask);
+        flush(b);
         b.ins().jump(outer, &[]);
 
         // Lanes summed in f64, in a fixed order, into the block's partials.
         b.switch_to_block(done);
-        flush(b, mask);
+        flush(b);
         for (cell, halves) in wide.iter().enumerate() {
             let [lo, hi] = halves.map(|h| {
                 let v = b.use_var(h);
