@@ -1,11 +1,13 @@
 //! Losses with a `sorted` block (Lovász): sorts, scans and scatters on whole tensors.
 //!
 //! The graph is cut at the nodes that need a whole pass (`Kind`): a sort (a radix
-//! sort of f32 keys, stable, per group), a gather into sorted order, a scan along it,
-//! a scatter back, a reduction over a large value. Everything else is either small
-//! (no more than `SMALL` values: computed by the f64 reference interpreter, as the
-//! blocked runtime's tail) or elementwise, recomputed chunk by chunk in every pass
-//! that needs it (`vm`). Passes run in stages: a stage runs every pass whose inputs
+//! sort of f32 keys, stable, per group), a gather into sorted order (of a computed
+//! value; a gather of inputs reads the sort's records where it is used), a scan
+//! along it, a scatter back, a reduction over a large value. Everything else is
+//! either small (no more than `SMALL` values: computed by the f64 reference
+//! interpreter, as the blocked runtime's tail) or elementwise, recomputed chunk by
+//! chunk in every pass that needs it (`vm`). A gradient made from one sort's
+//! scatters is computed in that sort's order and put back once (`Writes`). Passes run in stages: a stage runs every pass whose inputs
 //! earlier stages made. Within a pass, chunks run in parallel; partial sums and scan
 //! carries are combined in chunk order, so results are bitwise the same for any
 //! number of threads. Values are f64 throughout; only sort keys are rounded to f32
@@ -84,6 +86,8 @@ fn classify(g: &Graph, order: &[NodeId], ext: [usize; 3]) -> HashMap<NodeId, Kin
         };
         let k = match n.op {
             Op::Sort { .. } => Kind::Sort,
+            // Read from the sort's records where they are used, not stored (`fusable`).
+            Op::Gather if fusable(g, &kind, n.args[1]) => Kind::Fused,
             Op::Gather => Kind::Gather,
             Op::Cumsum | Op::RevCumsum | Op::Prev(_) | Op::Next => Kind::Scan,
             Op::Scatter => Kind::Scatter,
@@ -100,6 +104,16 @@ fn classify(g: &Graph, order: &[NodeId], ext: [usize; 3]) -> HashMap<NodeId, Kin
         kind.insert(id, k);
     }
     kind
+}
+
+/// Whether a gather of `value` is computed where it is read, at the sort's positions,
+/// instead of by a pass that stores it: when `value` is made from inputs (carried in
+/// the sort's records, `perm::MAX_CARRIED` at most) and small values only. Storing
+/// the gathered f64 column and reading it back cost more than reading the records.
+fn fusable(g: &Graph, kind: &HashMap<NodeId, Kind>, value: NodeId) -> bool {
+    let front = frontier(g, kind, &[value]);
+    let inputs = front.iter().filter(|f| kind[f] == Kind::Input).count();
+    inputs <= perm::MAX_CARRIED && front.iter().all(|f| matches!(kind[f], Kind::Input | Kind::Small))
 }
 
 /// After how many stages each node's value is available; a pass node runs in stage
@@ -185,6 +199,7 @@ pub fn evaluate(loss: &Loss, inputs: &[View], ext: [usize; 3], grads: &mut [Opti
     let mut avail = availability(g, &order, &kind);
     postpone_scatters(g, &order, &kind, &roots, &mut avail);
     let stages = order.iter().map(|id| avail[id]).max().unwrap_or(0);
+    let writes = sorted_writes(loss, inputs, ext, &order, &kind, &avail, stages, &wanted);
 
     // When each stored value is last read, so that its buffer goes back to the pool.
     let mut last_use: HashMap<NodeId, usize> = HashMap::new();
@@ -201,6 +216,10 @@ pub fn evaluate(loss: &Loss, inputs: &[View], ext: [usize; 3], grads: &mut [Opti
     }
     for &r in &roots[1..] {
         note(&[r], stages);
+    }
+    // A sort whose order gradients are computed in puts them back in the last stage.
+    for &s in writes.by_sort.keys() {
+        note(&[s], stages);
     }
 
     // The interpreter's inputs: small ones as f64 tensors; it never reads the others.
@@ -234,10 +253,14 @@ pub fn evaluate(loss: &Loss, inputs: &[View], ext: [usize; 3], grads: &mut [Opti
         }
         let here: Vec<NodeId> =
             order.iter().copied().filter(|id| kind[id].is_pass() && avail[id] == stage + 1).collect();
-        run_stage(&cx, &mut store, &here);
+        run_stage(&cx, &mut store, &here, &writes, stage + 1 == stages);
+        if stage == stages {
+            put_back(&mut store, &writes, &wanted, grads);
+        }
         for &(i, node) in &wanted {
             // Every gradient in the last stage, so that their scatters share one pass.
-            if let Some(n) = node.filter(|n| stage == stages && kind[n] != Kind::Small) {
+            let elsewhere = |n: &NodeId| kind[n] != Kind::Small && !writes.sort_of.contains_key(n);
+            if let Some(n) = node.filter(|n| stage == stages && elsewhere(n)) {
                 let out = grads[i].as_deref_mut().expect("invariant: wanted buffers are present");
                 passes::write(&cx, &store, n, loss.inputs()[i].axes, inputs[i].shape, out);
             }
@@ -266,9 +289,103 @@ pub fn evaluate(loss: &Loss, inputs: &[View], ext: [usize; 3], grads: &mut [Opti
     Ok(value)
 }
 
+/// Gradients computed in a sort's order. A gradient made from one sort's scatters, run
+/// in the stage before the last, and from inputs and values known before that stage
+/// (lovasz_hinge's d/dx = (2y - 1) * -scatter(...)) is computed by that sort's last
+/// pass at its positions, where each scatter is its argument, and put back in element
+/// order once, as f32: half the bytes of staging each scatter's f64 values, putting
+/// those back and reading them again in a pass of its own.
+#[derive(Default)]
+struct Writes {
+    /// Per sort, the gradient nodes computed in its order.
+    by_sort: HashMap<NodeId, Vec<NodeId>>,
+    /// The sort of each of those gradient nodes.
+    sort_of: HashMap<NodeId, NodeId>,
+    /// The scatters only those gradients read: never staged.
+    absorbed: HashSet<NodeId>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn sorted_writes(
+    loss: &Loss,
+    inputs: &[View],
+    ext: [usize; 3],
+    order: &[NodeId],
+    kind: &HashMap<NodeId, Kind>,
+    avail: &HashMap<NodeId, usize>,
+    stages: usize,
+    wanted: &[(usize, Option<NodeId>)],
+) -> Writes {
+    let g = loss.graph();
+    let mut w = Writes::default();
+    for &(i, node) in wanted {
+        let Some(n) = node.filter(|n| kind[n] != Kind::Small) else { continue };
+        let used: [usize; 3] = std::array::from_fn(|a| if loss.inputs()[i].axes.has_index(a) { ext[a] } else { 1 });
+        if inputs[i].shape != ext || used != ext {
+            continue;
+        }
+        let front = frontier(g, kind, &[n]);
+        let sorts: HashSet<NodeId> =
+            front.iter().filter(|f| kind[f] == Kind::Scatter).map(|&f| g.node(f).args[0]).collect();
+        let known = |f: &NodeId| match kind[f] {
+            Kind::Scatter => avail[f] == stages,
+            Kind::Small | Kind::Reduce | Kind::SortedSum | Kind::Input => avail[f] < stages,
+            _ => false,
+        };
+        if sorts.len() == 1 && front.iter().all(known) {
+            let s = *sorts.iter().next().expect("invariant: one sort");
+            if !w.sort_of.contains_key(&n) {
+                w.by_sort.entry(s).or_default().push(n);
+                w.sort_of.insert(n, s);
+            }
+        }
+    }
+    // Scatters read by anything else are staged as usual.
+    let mut elsewhere: HashSet<NodeId> = HashSet::new();
+    for &id in order {
+        if kind[&id].is_pass() {
+            elsewhere.extend(frontier(g, kind, &g.node(id).args));
+        }
+    }
+    for &(_, node) in wanted {
+        if let Some(n) = node.filter(|n| !w.sort_of.contains_key(n)) {
+            elsewhere.extend(frontier(g, kind, &[n]));
+        }
+    }
+    elsewhere.extend(frontier(g, kind, &[loss.root()]));
+    let written: Vec<NodeId> = w.sort_of.keys().copied().collect();
+    w.absorbed = frontier(g, kind, &written)
+        .into_iter()
+        .filter(|f| kind[f] == Kind::Scatter && !elsewhere.contains(f))
+        .collect();
+    w
+}
+
+/// Puts the gradients computed in a sort's order into the caller's buffers.
+fn put_back(
+    store: &mut passes::Store,
+    writes: &Writes,
+    wanted: &[(usize, Option<NodeId>)],
+    grads: &mut [Option<&mut [f32]>],
+) {
+    for (s, nodes) in &writes.by_sort {
+        let mut staged: Vec<&[f32]> = Vec::new();
+        let mut outs: Vec<&mut [f32]> = Vec::new();
+        for (i, buf) in grads.iter_mut().enumerate() {
+            let node = wanted.iter().find(|(j, _)| *j == i).and_then(|(_, n)| *n);
+            if let (Some(n), Some(out)) = (node.filter(|n| nodes.contains(n)), buf.as_deref_mut()) {
+                staged.push(&store.sorted_grads[&n]);
+                outs.push(out);
+            }
+        }
+        perm::put_back(&store.sorts[s].perm, &staged, &mut outs);
+    }
+}
+
 /// Runs the passes of one stage: sorts, then per sort its gathers together and its
-/// scans, scatters and sums together, then reductions one by one.
-fn run_stage(cx: &passes::Cx, store: &mut passes::Store, here: &[NodeId]) {
+/// scans, scatters and sums together (in the stage before the last, with the
+/// gradients computed in its order), then reductions one by one.
+fn run_stage(cx: &passes::Cx, store: &mut passes::Store, here: &[NodeId], writes: &Writes, last: bool) {
     let g = cx.g;
     let of = |k: Kind| here.iter().copied().filter(move |id| cx.kind[id] == k);
     for id in of(Kind::Sort) {
@@ -292,9 +409,11 @@ fn run_stage(cx: &passes::Cx, store: &mut passes::Store, here: &[NodeId]) {
             .iter()
             .copied()
             .filter(|id| matches!(cx.kind[id], Kind::Scan | Kind::Scatter | Kind::SortedSum) && sort_of(g, *id) == s)
+            .filter(|id| !writes.absorbed.contains(id))
             .collect();
-        if !along.is_empty() {
-            passes::along(cx, store, s, &along);
+        let written = writes.by_sort.get(&s).filter(|_| last).map_or(&[][..], |v| &v[..]);
+        if !along.is_empty() || !written.is_empty() {
+            passes::along(cx, store, s, &along, written);
         }
     }
     for id in of(Kind::Reduce) {

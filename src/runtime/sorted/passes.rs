@@ -10,7 +10,7 @@ use crate::tensor::{Tensor, View};
 
 use super::perm::{self, split, Sorted};
 use super::pool;
-use super::vm::{At, Column, Loc, Program, Read, Scattered, Sources, CHUNK};
+use super::vm::{At, Column, Loc, Program, Read, Scattered, Source, Sources, CHUNK};
 use super::Kind;
 
 /// What every pass needs to know about the call.
@@ -24,18 +24,26 @@ pub struct Cx<'a> {
 impl Cx<'_> {
     /// The program computing `roots` from stored values.
     pub fn program(&self, roots: &[NodeId]) -> Program {
-        let source = |id: NodeId| -> Option<Read> {
+        self.program_at(roots, None)
+    }
+
+    /// The same, run at the positions of `sort` (if given): there a scatter along it
+    /// is its argument.
+    pub fn program_at(&self, roots: &[NodeId], sort: Option<NodeId>) -> Program {
+        let source = |id: NodeId| -> Source {
             let n = self.g.node(id);
             match self.kind[&id] {
-                Kind::Small | Kind::Reduce | Kind::SortedSum => Some(Read::Tensor(id)),
+                Kind::Small | Kind::Reduce | Kind::SortedSum => Source::Read(Read::Tensor(id)),
                 Kind::Input => match n.op {
-                    Op::Input { index, .. } => Some(Read::Input(index as usize)),
+                    Op::Input { index, .. } => Source::Read(Read::Input(index as usize)),
                     other => panic!("invariant: an input node, not {other:?}"),
                 },
-                Kind::Scatter => Some(Read::Scattered(id)),
-                Kind::Gather | Kind::Scan => Some(Read::Column(id)),
-                Kind::Fused if n.op == Op::ClassIndex => Some(Read::ClassIndex),
-                Kind::Fused => None,
+                Kind::Scatter if Some(n.args[0]) == sort => Source::Same(n.args[1]),
+                Kind::Scatter => Source::Read(Read::Scattered(id)),
+                Kind::Gather | Kind::Scan => Source::Read(Read::Column(id)),
+                Kind::Fused if n.op == Op::ClassIndex => Source::Read(Read::ClassIndex),
+                Kind::Fused if n.op == Op::Gather && Some(n.args[0]) == sort => Source::Same(n.args[1]),
+                Kind::Fused => Source::Compute,
                 Kind::Sort => panic!("invariant: a permutation is not a value"),
             }
         };
@@ -50,6 +58,8 @@ pub struct Store {
     pub columns: HashMap<NodeId, Column>,
     pub scattered: HashMap<NodeId, Scattered>,
     pub sorts: HashMap<NodeId, Sorted>,
+    /// Gradients computed in a sort's order (`along`'s writes), to be put back.
+    pub sorted_grads: HashMap<NodeId, Vec<f32>>,
 }
 
 impl Store {
@@ -77,11 +87,16 @@ impl Store {
         if let Some(s) = self.sorts.get_mut(&id) {
             s.perm.release();
         }
+        if let Some(v) = self.sorted_grads.remove(&id) {
+            pool::give(v);
+        }
     }
 
     pub fn release_all(&mut self) {
-        let ids: Vec<NodeId> =
-            self.columns.keys().chain(self.scattered.keys()).chain(self.sorts.keys()).copied().collect();
+        let ids: Vec<NodeId> = (self.columns.keys().chain(self.scattered.keys()))
+            .chain(self.sorts.keys().chain(self.sorted_grads.keys()))
+            .copied()
+            .collect();
         for id in ids {
             self.release(id);
         }
@@ -137,11 +152,13 @@ pub fn gather(cx: &Cx, store: &Store, sort: NodeId, nodes: &[NodeId]) -> Vec<Col
     cols.into_iter().map(|data| Column { data, carry: None }).collect()
 }
 
-/// The passes along a sort's order: scans, scatters and per-group sums, together.
-pub fn along(cx: &Cx, store: &mut Store, sort: NodeId, nodes: &[NodeId]) {
+/// The passes along a sort's order: scans, scatters and per-group sums, together;
+/// and `writes`, gradients computed at the sort's positions (their scatters along it
+/// are their arguments there), kept in `store.sorted_grads` to be put back.
+pub fn along(cx: &Cx, store: &mut Store, sort: NodeId, nodes: &[NodeId], writes: &[NodeId]) {
     let g = cx.g;
     let ops: Vec<Op> = nodes.iter().map(|&id| g.node(id).op).collect();
-    let args: Vec<NodeId> = nodes
+    let mut roots: Vec<NodeId> = nodes
         .iter()
         .map(|&id| {
             let n = g.node(id);
@@ -152,7 +169,11 @@ pub fn along(cx: &Cx, store: &mut Store, sort: NodeId, nodes: &[NodeId]) {
             }
         })
         .collect();
-    let prog = cx.program(&args);
+    roots.extend(writes);
+    let prog = cx.program_at(&roots, Some(sort));
+    // Gathered values and gradients are read at the elements themselves; otherwise
+    // element-order values are constant within the group, read once at its point.
+    let at_elements = prog.aliases();
     let sorted = &store.sorts[&sort];
     let layout = &sorted.layout;
     let segments = &layout.segments;
@@ -162,21 +183,37 @@ pub fn along(cx: &Cx, store: &mut Store, sort: NodeId, nodes: &[NodeId]) {
     // Scattered values are staged in sorted order, interleaved, then put in element order.
     let stride = ops.iter().filter(|op| **op == Op::Scatter).count();
     let mut staged: Vec<f64> = if stride > 0 { pool::take(n * stride) } else { Vec::new() };
+    let mut grads: Vec<Vec<f32>> = writes.iter().map(|_| pool::take::<f32>(n)).collect();
     let src = store.sources(cx);
     let mut pieces: Vec<Vec<&mut [f64]>> = cols.iter_mut().map(|c| split(c, segments, 1)).collect();
     if stride > 0 {
         pieces.push(split(&mut staged, segments, stride));
     }
+    let grad_pieces: Vec<Vec<&mut [f32]>> = grads.iter_mut().map(|c| split(c, segments, 1)).collect();
     // Per segment: a scan's total or edge value, a sum's partial (0 for scatters).
     let extras: Vec<Vec<f64>> = transpose(pieces, segments.len())
         .into_par_iter()
+        .zip(transpose(grad_pieces, segments.len()))
         .zip(segments.par_iter().enumerate())
         .map_init(
-            || prog.slots(),
-            |slots, (mut outs, (si, seg))| {
+            || (prog.slots(), Vec::new(), Vec::new()),
+            |(slots, idx, carried), ((mut outs, grad_outs), (si, seg))| {
                 let point = [layout.point(seg.group)];
-                let at_chunk = At { elements: Loc::List(&point), q0: seg.q0, len: seg.len, segment: si, carried: &[] };
+                let elements = if at_elements {
+                    sorted.perm.indices(seg.q0, seg.len, idx);
+                    sorted.perm.carried(seg.q0, seg.len, carried);
+                    &idx[..]
+                } else {
+                    &point[..]
+                };
+                let at_chunk = At { elements: Loc::List(elements), q0: seg.q0, len: seg.len, segment: si, carried };
                 prog.run(&src, &at_chunk, slots);
+                for (out, &o) in grad_outs.into_iter().zip(&prog.outputs[ops.len()..]) {
+                    let v = &slots[o];
+                    for (k, x) in out.iter_mut().enumerate() {
+                        *x = at(v, k) as f32;
+                    }
+                }
                 let (mut col, mut sc) = (0, 0);
                 let mut extra = Vec::with_capacity(ops.len());
                 for (op, &o) in ops.iter().zip(&prog.outputs) {
@@ -203,6 +240,7 @@ pub fn along(cx: &Cx, store: &mut Store, sort: NodeId, nodes: &[NodeId]) {
             },
         )
         .collect();
+    store.sorted_grads.extend(writes.iter().copied().zip(grads));
     // Fix-ups in segment order: scan carries, segment edges, per-group sums.
     let mut col = cols.into_iter();
     let scattered = if stride > 0 { perm::unsort(&sorted.perm, &staged, stride) } else { Vec::new() };

@@ -14,7 +14,9 @@
 //! - A scatter first moves (element index, values) pairs into buckets of nearby
 //!   element indices (a radix pass on the index's top bits, which writes a few
 //!   dozen sequential streams), then writes each bucket into its own range of the
-//!   output, which fits in cache.
+//!   output, which fits in cache. Staged f64 values move as (u64, f64...) records
+//!   (`unsort`); a gradient computed in sorted order moves as (u32, f32) records,
+//!   straight into the caller's buffer (`put_back`).
 //!
 //! Each destination is written exactly once, so the result does not depend on how
 //! the work is split across threads.
@@ -30,10 +32,9 @@ use super::passes::{at, Cx, Store};
 use super::pool;
 use super::radix::{self, Wide};
 use super::vm::{At, Loc, Program};
-use super::Kind;
 
 /// At most this many inputs ride in a sort's records (4 + 4 * this bytes each).
-const MAX_CARRIED: usize = 4;
+pub const MAX_CARRIED: usize = 4;
 
 /// Bytes of output a bucket of `unsort` covers, at most.
 const BUCKET_BYTES: usize = 4 << 20;
@@ -140,7 +141,7 @@ fn carried_inputs(cx: &Cx, id: NodeId) -> Vec<usize> {
     let gathered: Vec<NodeId> = cx
         .kind
         .iter()
-        .filter(|(&n, &k)| k == Kind::Gather && cx.g.node(n).args[0] == id)
+        .filter(|(&n, _)| cx.g.node(n).op == Op::Gather && cx.g.node(n).args[0] == id)
         .map(|(&n, _)| cx.g.node(n).args[1])
         .collect();
     let read: BTreeSet<usize> = super::frontier(cx.g, cx.kind, &gathered)
@@ -212,86 +213,149 @@ pub fn split<'b, T>(mut rest: &'b mut [T], segments: &[Segment], width: usize) -
     out
 }
 
-/// Element order from sorted order: `out[perm[q] * stride + j] = staged[q * stride + j]`.
-pub fn unsort(perm: &Perm, staged: &[f64], stride: usize) -> Vec<f64> {
-    let n = staged.len() / stride;
-    match perm {
-        Perm::Narrow { data, width, .. } => {
-            let w = *width;
-            unsort_by(n, stride, staged, |q| data[q * w + 1] as usize)
+impl Perm {
+    /// The element index of each sorted position, as a function (for `Buckets`).
+    fn index_fn(&self) -> impl Fn(usize) -> usize + Sync + '_ {
+        move |q| match self {
+            Perm::Narrow { data, width, .. } => data[q * width + 1] as usize,
+            Perm::Wide(p) => p[q].index as usize,
+            Perm::Released => panic!("invariant: a permutation is read before its release"),
         }
-        Perm::Wide(p) => unsort_by(n, stride, staged, |q| p[q].index as usize),
-        Perm::Released => panic!("invariant: a permutation is read before its release"),
     }
 }
 
-fn unsort_by(n: usize, stride: usize, staged: &[f64], index: impl Fn(usize) -> usize + Sync) -> Vec<f64> {
+/// Element order from sorted order: `out[perm[q] * stride + j] = staged[q * stride + j]`.
+pub fn unsort(perm: &Perm, staged: &[f64], stride: usize) -> Vec<f64> {
+    let n = staged.len() / stride;
     let mut out = pool::take::<f64>(n * stride);
-    if n == 0 {
-        return out;
-    }
-    // Buckets of 2^shift consecutive elements: few, since each is a stream of records
-    // in the first pass and fewer streams write faster (measured: 16 buckets took 0.65
-    // of the time of 256), but each bucket's range of the output (`BUCKET_BYTES`)
-    // should stay in the last-level cache for the second pass's random writes. At most
-    // 256 buckets, and offsets within a bucket fit in 32 bits.
-    let bits = usize::BITS - (n - 1).leading_zeros();
-    let span = (BUCKET_BYTES / (8 * stride)).max(1).ilog2();
-    let shift = span.max(bits.saturating_sub(8)).min(32);
-    let buckets = n.div_ceil(1 << shift);
-    let block = n.div_ceil(rayon::current_num_threads().max(1)).max(MIN_BLOCK);
-    let blocks: Vec<(usize, usize)> = (0..n).step_by(block).map(|q0| (q0, block.min(n - q0))).collect();
-    let counts: Vec<Vec<usize>> = blocks
-        .par_iter()
-        .map(|&(q0, len)| {
-            let mut c = vec![0usize; buckets];
-            for q in q0..q0 + len {
-                c[index(q) >> shift] += 1;
-            }
-            c
-        })
-        .collect();
-    let mut starts = vec![0usize; buckets + 1];
-    for b in 0..buckets {
-        starts[b + 1] = starts[b] + counts.iter().map(|c| c[b]).sum::<usize>();
-    }
-    let plan = Buckets { shift, blocks: &blocks, counts: &counts, starts: &starts };
+    let index = perm.index_fn();
+    let plan = Buckets::new(n, 8 * stride, &index);
     // Up to three values travel per record; more go in several rounds.
     for col in (0..stride).step_by(3) {
+        fn round<const W: usize>(
+            plan: &Buckets,
+            staged: &[f64],
+            stride: usize,
+            col: usize,
+            index: &(impl Fn(usize) -> usize + Sync),
+            out: &mut [f64],
+        ) {
+            let make = |q: usize| -> [u64; W] {
+                let mut r = [0u64; W];
+                r[0] = index(q) as u64;
+                for (j, v) in r[1..].iter_mut().enumerate() {
+                    *v = staged[q * stride + col + j].to_bits();
+                }
+                r
+            };
+            plan.unsort(make, out, stride, |row, r| {
+                for (j, v) in r[1..].iter().enumerate() {
+                    row[col + j] = f64::from_bits(*v);
+                }
+            });
+        }
         match (stride - col).min(3) {
-            1 => plan.unsort::<2>(staged, stride, col, &index, &mut out),
-            2 => plan.unsort::<3>(staged, stride, col, &index, &mut out),
-            _ => plan.unsort::<4>(staged, stride, col, &index, &mut out),
+            1 => round::<2>(&plan, staged, stride, col, &index, &mut out),
+            2 => round::<3>(&plan, staged, stride, col, &index, &mut out),
+            _ => round::<4>(&plan, staged, stride, col, &index, &mut out),
         }
     }
     out
 }
 
-/// How `unsort_by` cuts the positions: blocks of sorted positions, buckets of elements.
-struct Buckets<'a> {
-    shift: u32,
-    blocks: &'a [(usize, usize)],
-    /// Per block, how many of its positions go to each bucket.
-    counts: &'a [Vec<usize>],
-    /// Where each bucket's records start.
-    starts: &'a [usize],
+/// Puts f32 values in sorted order back in element order, into `outs[j]` from
+/// `staged[j]`: `outs[j][perm[q]] = staged[j][q]`. Records are half the size of
+/// `unsort`'s (an index and one f32) for a permutation of fewer than 2^32 elements.
+pub fn put_back(perm: &Perm, staged: &[&[f32]], outs: &mut [&mut [f32]]) {
+    let Some(n) = staged.first().map(|s| s.len()) else { return };
+    let index = perm.index_fn();
+    let plan = Buckets::new(n, 4, &index);
+    for (values, out) in staged.iter().zip(outs.iter_mut()) {
+        let put = |row: &mut [f32], r: &[u64]| row[0] = f32::from_bits(r[1] as u32);
+        if matches!(perm, Perm::Narrow { .. }) {
+            let make = |q: usize| [index(q) as u32, values[q].to_bits()];
+            plan.unsort(make, out, 1, |row, r: &[u32]| row[0] = f32::from_bits(r[1]));
+        } else {
+            plan.unsort(|q| [index(q) as u64, u64::from(values[q].to_bits())], out, 1, put);
+        }
+    }
 }
 
-impl Buckets<'_> {
-    /// Moves values `col..col + W - 1` of each row: records `[offset in bucket, values...]`
-    /// go to their bucket (in (bucket, block) order), then each bucket to its range.
-    fn unsort<const W: usize>(
+/// A word of a record moved by `Buckets::unsort`: the first of each holds an element index.
+trait Word: Copy + Default + Send + Sync + pool::Pooled {
+    fn index(self) -> usize;
+}
+
+impl Word for u32 {
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl Word for u64 {
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// How values move from sorted order to element order: blocks of sorted positions,
+/// buckets of nearby elements.
+struct Buckets {
+    shift: u32,
+    blocks: Vec<(usize, usize)>,
+    /// Per block, how many of its positions go to each bucket.
+    counts: Vec<Vec<usize>>,
+    /// Where each bucket's records start.
+    starts: Vec<usize>,
+}
+
+impl Buckets {
+    /// The plan for `n` positions whose element indices `index` gives, for an output of
+    /// `bytes` per element.
+    fn new(n: usize, bytes: usize, index: &(impl Fn(usize) -> usize + Sync)) -> Buckets {
+        // Buckets of 2^shift consecutive elements: few, since each is a stream of records
+        // in the first pass and fewer streams write faster (measured: 16 buckets took 0.65
+        // of the time of 256), but each bucket's range of the output (`BUCKET_BYTES`)
+        // should stay in the last-level cache for the second pass's random writes. At most
+        // 256 buckets, and offsets within a bucket fit in 32 bits.
+        let bits = usize::BITS - n.saturating_sub(1).leading_zeros();
+        let span = (BUCKET_BYTES / bytes).max(1).ilog2();
+        let shift = span.max(bits.saturating_sub(8)).min(32);
+        let buckets = n.div_ceil(1 << shift);
+        let block = n.div_ceil(rayon::current_num_threads().max(1)).max(MIN_BLOCK);
+        let blocks: Vec<(usize, usize)> = (0..n).step_by(block).map(|q0| (q0, block.min(n - q0))).collect();
+        let counts: Vec<Vec<usize>> = blocks
+            .par_iter()
+            .map(|&(q0, len)| {
+                let mut c = vec![0usize; buckets];
+                for q in q0..q0 + len {
+                    c[index(q) >> shift] += 1;
+                }
+                c
+            })
+            .collect();
+        let mut starts = vec![0usize; buckets + 1];
+        for b in 0..buckets {
+            starts[b + 1] = starts[b] + counts.iter().map(|c| c[b]).sum::<usize>();
+        }
+        Buckets { shift, blocks, counts, starts }
+    }
+
+    /// Moves one record per sorted position (`make(q)`, whose first word is the element
+    /// index) to its bucket, in (bucket, block) order; then each bucket's records into
+    /// its range of `out` (rows of `stride` values): `put(row, record)`.
+    fn unsort<T: Word, const W: usize, O: Send>(
         &self,
-        staged: &[f64],
+        make: impl Fn(usize) -> [T; W] + Sync,
+        out: &mut [O],
         stride: usize,
-        col: usize,
-        index: &(impl Fn(usize) -> usize + Sync),
-        out: &mut [f64],
+        put: impl Fn(&mut [O], &[T]) + Sync,
     ) {
-        let (shift, n) = (self.shift, staged.len() / stride);
-        let mut words = pool::take::<u64>(n * W);
+        let shift = self.shift;
+        let n = self.starts.last().copied().unwrap_or(0);
+        let mut words = pool::take::<T>(n * W);
         let records = words.as_chunks_mut::<W>().0;
-        let mut slices: Vec<Vec<&mut [[u64; W]]>> = self.blocks.iter().map(|_| Vec::with_capacity(256)).collect();
+        let mut slices: Vec<Vec<&mut [[T; W]]>> = self.blocks.iter().map(|_| Vec::with_capacity(256)).collect();
         let mut rest = &mut records[..];
         for b in 0..self.starts.len() - 1 {
             for (k, c) in self.counts.iter().enumerate() {
@@ -303,26 +367,16 @@ impl Buckets<'_> {
         for s in &mut slices {
             s.resize_with(256, Default::default);
         }
-        slices.into_par_iter().zip(self.blocks).for_each(|(out, &(q0, len))| {
-            let out: [&mut [[u64; W]]; 256] = out.try_into().unwrap_or_else(|_| unreachable!("256 buckets"));
-            let make = |q: usize| {
-                let mut r = [0u64; W];
-                r[0] = index(q) as u64;
-                for (j, v) in r[1..].iter_mut().enumerate() {
-                    *v = staged[q * stride + col + j].to_bits();
-                }
-                r
-            };
-            radix::scatter((q0..q0 + len).map(make), out, |r| (r[0] >> shift) as usize);
+        slices.into_par_iter().zip(&self.blocks).for_each(|(out, &(q0, len))| {
+            let out: [&mut [[T; W]]; 256] = out.try_into().unwrap_or_else(|_| unreachable!("256 buckets"));
+            radix::scatter((q0..q0 + len).map(&make), out, |r| r[0].index() >> shift);
         });
         let records = &words.as_chunks::<W>().0;
         out.par_chunks_mut(stride << shift).enumerate().for_each(|(b, dst)| {
             let base = b << shift;
             for r in &records[self.starts[b]..self.starts[b + 1]] {
-                let i = r[0] as usize - base;
-                for (j, v) in r[1..].iter().enumerate() {
-                    dst[i * stride + col + j] = f64::from_bits(*v);
-                }
+                let i = r[0].index() - base;
+                put(&mut dst[i * stride..(i + 1) * stride], r);
             }
         });
         pool::give(words);

@@ -30,7 +30,7 @@ macro_rules! pooled {
         }
     )*};
 }
-pooled!(f64, u32, u64, Wide);
+pooled!(f64, f32, u32, u64, Wide);
 
 /// A buffer of `n` values (stale, or default-filled if newly allocated).
 pub fn take<T: Pooled>(n: usize) -> Vec<T> {
@@ -99,6 +99,7 @@ pub fn clear() {
         T::pool().lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
     drain::<f64>();
+    drain::<f32>();
     drain::<u32>();
     drain::<u64>();
     drain::<Wide>();

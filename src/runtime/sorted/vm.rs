@@ -92,10 +92,23 @@ impl<'a> At<'a> {
     }
 }
 
+/// How a program gets a node's value.
+#[derive(Clone, Copy, Debug)]
+pub enum Source {
+    /// Read it from a stored value.
+    Read(Read),
+    /// Compute it (an elementwise op of its arguments).
+    Compute,
+    /// It equals another node's value here: a scatter evaluated at its own sort's
+    /// positions is its argument.
+    Same(NodeId),
+}
+
 #[derive(Clone, Copy, Debug)]
 enum What {
     Read(Read),
     Map(Op),
+    Copy,
 }
 
 #[derive(Clone, Debug)]
@@ -116,34 +129,32 @@ pub struct Program {
 }
 
 impl Program {
-    /// The program for `roots`; `source` says how to read a stored node (None: compute it,
-    /// which requires an elementwise op).
-    pub fn compile(g: &Graph, roots: &[NodeId], source: &dyn Fn(NodeId) -> Option<Read>) -> Program {
+    /// The program for `roots`; `source` says how each node gets its value.
+    pub fn compile(g: &Graph, roots: &[NodeId], source: &dyn Fn(NodeId) -> Source) -> Program {
         let mut need = vec![false; g.len()];
-        let mut how: HashMap<NodeId, What> = HashMap::new();
+        let mut how: HashMap<NodeId, (What, Vec<NodeId>)> = HashMap::new();
         let mut stack = roots.to_vec();
         while let Some(id) = stack.pop() {
             if std::mem::replace(&mut need[id.0 as usize], true) {
                 continue;
             }
             let n = g.node(id);
-            let what = match source(id) {
-                Some(r) => What::Read(r),
-                None => {
+            let (what, args) = match source(id) {
+                Source::Read(r) => (What::Read(r), vec![]),
+                Source::Compute => {
                     assert!(n.op.is_elementwise(), "invariant: {:?} is stored before a pass reads it", n.op);
-                    stack.extend(n.args.iter().copied());
-                    What::Map(n.op)
+                    (What::Map(n.op), n.args.to_vec())
                 }
+                Source::Same(other) => (What::Copy, vec![other]),
             };
-            how.insert(id, what);
+            stack.extend(args.iter().copied());
+            how.insert(id, (what, args));
         }
         let order: Vec<NodeId> = (0..g.len() as u32).map(NodeId).filter(|id| need[id.0 as usize]).collect();
         let mut last_use: HashMap<NodeId, usize> = HashMap::new();
         for (i, id) in order.iter().enumerate() {
-            if let What::Map(_) = how[id] {
-                for a in &g.node(*id).args {
-                    last_use.insert(*a, i);
-                }
+            for a in &how[id].1 {
+                last_use.insert(*a, i);
             }
         }
         for r in roots {
@@ -152,33 +163,32 @@ impl Program {
         let (mut slot_of, mut free, mut slots) = (HashMap::new(), Vec::new(), 0usize);
         let mut steps = Vec::new();
         for (i, &id) in order.iter().enumerate() {
-            let what = how[&id];
+            let (what, ref reads) = how[&id];
             let out = free.pop().unwrap_or_else(|| {
                 slots += 1;
                 slots - 1
             });
             let mut args = [usize::MAX; 3];
-            match what {
-                What::Map(_) => {
-                    for (k, a) in g.node(id).args.iter().enumerate() {
-                        args[k] = slot_of[a];
-                    }
-                }
-                What::Read(_) => {}
+            for (k, a) in reads.iter().enumerate() {
+                args[k] = slot_of[a];
             }
             steps.push(Step { what, args, out });
             slot_of.insert(id, out);
             // Free the slots of arguments whose last use this was (after taking `out`).
-            if let What::Map(_) = what {
-                for a in &g.node(id).args {
-                    if last_use.get(a) == Some(&i) && !free.contains(&slot_of[a]) {
-                        free.push(slot_of[a]);
-                    }
+            for a in reads {
+                if last_use.get(a) == Some(&i) && !free.contains(&slot_of[a]) {
+                    free.push(slot_of[a]);
                 }
             }
         }
         let outputs = roots.iter().map(|r| slot_of[r]).collect();
         Program { steps, slots, outputs }
+    }
+
+    /// Whether a node takes another's value (`Source::Same`): gathers and scatters at
+    /// their sort's positions, which read element-order values at the elements.
+    pub fn aliases(&self) -> bool {
+        self.steps.iter().any(|s| matches!(s.what, What::Copy))
     }
 
     /// Fresh slots for `run` (one set per worker thread).
@@ -193,6 +203,7 @@ impl Program {
             out.clear();
             match step.what {
                 What::Read(r) => read(src, r, at, &mut out),
+                What::Copy => out.extend_from_slice(&slots[step.args[0]]),
                 What::Map(op) => {
                     let arg = |k: usize| -> &[f64] { &slots[step.args[k]] };
                     match op.arity() {
