@@ -211,7 +211,7 @@ fn lsd<E: Record>(a: &mut [E], b: &mut [E], into_b: bool) {
     }
     let mut in_a = true;
     for (d, h) in hist.iter().enumerate() {
-        if h.iter().any(|&c| c == n) {
+        if h.contains(&n) {
             continue;
         }
         let (src, dst): (&[E], &mut [E]) = if in_a { (&*a, &mut *b) } else { (&*b, &mut *a) };
