@@ -288,6 +288,26 @@ fn broadcast_inputs_get_gradients_summed_over_their_copies() {
     let y: Vec<f32> = (0..800).map(|_| rng.below(2) as f32).collect();
     let case = Case { shapes: vec![[1, 1, 1], [2, 1, 400]], data: vec![vec![0.7], y] };
     agree(&loss, &case, &[true, true], &format!("scalar x (seed {seed})"));
+    // x and a broadcast b share one gradient node: only x's can be written in sorted order.
+    let shared = Loss::compile(
+        "loss f(x, b, y) { let e = 1 - (x + b) * (2 * y - 1); sorted (e desc, g = y) { lovasz_dot(relu(e), g) } }",
+        "",
+    )
+    .expect("compiles");
+    let s = 3000;
+    // Hinge errors on a grid (keys apart), with x + b in place of x.
+    let draw = |r: &mut Rng| {
+        let h = hinge_case([2, 3, s], 1e-3, r);
+        let b: Vec<f32> = (0..s).map(|_| (0.1 * r.normal()) as f32).collect();
+        let x: Vec<f32> = h.data[0].iter().enumerate().map(|(i, &x)| x - b[i % s]).collect();
+        Case { shapes: vec![[2, 3, s], [1, 1, s], [2, 3, s]], data: vec![x, b, h.data[1].clone()] }
+    };
+    let case = redraw(&mut rng, draw, |case| {
+        let (x, b, y) = (&case.data[0], &case.data[1], &case.data[2]);
+        let e = |i: usize| 1.0 - (f64::from(x[i]) + f64::from(b[i % s])) * (2.0 * f64::from(y[i]) - 1.0);
+        vec![(0..6 * s).map(e).collect()]
+    });
+    agree(&shared, &case, &[true, true, true], &format!("shared gradient, broadcast b (seed {seed})"));
 }
 
 #[test]

@@ -318,12 +318,12 @@ fn sorted_writes(
 ) -> Writes {
     let g = loss.graph();
     let mut w = Writes::default();
+    // The sort to write each wanted gradient node in, if every input with that node (two
+    // inputs can share one, as x and b in f(x + b)) takes it whole, unbroadcast.
+    let mut sort_of: HashMap<NodeId, Option<NodeId>> = HashMap::new();
     for &(i, node) in wanted {
         let Some(n) = node.filter(|n| kind[n] != Kind::Small) else { continue };
         let used: [usize; 3] = std::array::from_fn(|a| if loss.inputs()[i].axes.has_index(a) { ext[a] } else { 1 });
-        if inputs[i].shape != ext || used != ext {
-            continue;
-        }
         let front = frontier(g, kind, &[n]);
         let sorts: HashSet<NodeId> =
             front.iter().filter(|f| kind[f] == Kind::Scatter).map(|&f| g.node(f).args[0]).collect();
@@ -332,8 +332,13 @@ fn sorted_writes(
             Kind::Small | Kind::Reduce | Kind::SortedSum | Kind::Input => avail[f] < stages,
             _ => false,
         };
-        if sorts.len() == 1 && front.iter().all(known) {
-            let s = *sorts.iter().next().expect("invariant: one sort");
+        let whole = inputs[i].shape == ext && used == ext;
+        let sort = sorts.iter().next().copied().filter(|_| whole && sorts.len() == 1 && front.iter().all(known));
+        let entry = sort_of.entry(n).or_insert(sort);
+        *entry = entry.and(sort);
+    }
+    for &(_, node) in wanted {
+        if let Some((n, Some(s))) = node.and_then(|n| sort_of.get(&n).map(|s| (n, *s))) {
             if !w.sort_of.contains_key(&n) {
                 w.by_sort.entry(s).or_default().push(n);
                 w.sort_of.insert(n, s);

@@ -128,7 +128,8 @@ impl Split {
         let shift = hi.saturating_sub(SPLIT_BITS);
         let mask = (1usize << (hi - shift)) - 1;
         let prefix = |e: &E| (e.key() >> shift) as usize & mask;
-        let block = n.div_ceil(rayon::current_num_threads().max(1)).max(MIN_BLOCK);
+        // Blocks below 2^32 records, so that u32 counts cannot wrap.
+        let block = n.div_ceil(rayon::current_num_threads().max(1)).clamp(MIN_BLOCK, 1 << 31);
         let hists: Vec<Vec<u32>> = a
             .par_chunks(block)
             .map(|chunk| {
