@@ -84,6 +84,15 @@ impl Perm {
         }
     }
 
+    /// The element index of each sorted position, as a function (for `Buckets`).
+    fn index_fn(&self) -> impl Fn(usize) -> usize + Sync + '_ {
+        move |q| match self {
+            Perm::Narrow { data, width, .. } => data[q * width + 1] as usize,
+            Perm::Wide(p) => p[q].index as usize,
+            Perm::Released => panic!("invariant: a permutation is read before its release"),
+        }
+    }
+
     /// Gives the buffer back to the pool.
     pub fn release(&mut self) {
         match std::mem::replace(self, Perm::Released) {
@@ -213,17 +222,6 @@ pub fn split<'b, T>(mut rest: &'b mut [T], segments: &[Segment], width: usize) -
     out
 }
 
-impl Perm {
-    /// The element index of each sorted position, as a function (for `Buckets`).
-    fn index_fn(&self) -> impl Fn(usize) -> usize + Sync + '_ {
-        move |q| match self {
-            Perm::Narrow { data, width, .. } => data[q * width + 1] as usize,
-            Perm::Wide(p) => p[q].index as usize,
-            Perm::Released => panic!("invariant: a permutation is read before its release"),
-        }
-    }
-}
-
 /// Element order from sorted order: `out[perm[q] * stride + j] = staged[q * stride + j]`.
 pub fn unsort(perm: &Perm, staged: &[f64], stride: usize) -> Vec<f64> {
     let n = staged.len() / stride;
@@ -271,12 +269,13 @@ pub fn put_back(perm: &Perm, staged: &[&[f32]], outs: &mut [&mut [f32]]) {
     let index = perm.index_fn();
     let plan = Buckets::new(n, 4, &index);
     for (values, out) in staged.iter().zip(outs.iter_mut()) {
-        let put = |row: &mut [f32], r: &[u64]| row[0] = f32::from_bits(r[1] as u32);
+        // A narrow permutation's indices fit in 32 bits.
         if matches!(perm, Perm::Narrow { .. }) {
             let make = |q: usize| [index(q) as u32, values[q].to_bits()];
             plan.unsort(make, out, 1, |row, r: &[u32]| row[0] = f32::from_bits(r[1]));
         } else {
-            plan.unsort(|q| [index(q) as u64, u64::from(values[q].to_bits())], out, 1, put);
+            let make = |q: usize| [index(q) as u64, u64::from(values[q].to_bits())];
+            plan.unsort(make, out, 1, |row, r: &[u64]| row[0] = f32::from_bits(r[1] as u32));
         }
     }
 }
@@ -402,6 +401,14 @@ mod tests {
             let out = unsort(&perm, &staged, 2);
             for (q, &i) in idx.iter().enumerate() {
                 assert_eq!((out[2 * i], out[2 * i + 1]), (q as f64, -(q as f64)));
+            }
+            // f32 values into two buffers, through 32-bit and 64-bit indices.
+            let wide = Perm::Wide(idx.iter().map(|&i| Wide { key: 0, index: i as u64 }).collect());
+            let (a, b): (Vec<f32>, Vec<f32>) = (0..n).map(|q| (q as f32 + 0.5, -(q as f32))).unzip();
+            for p in [&perm, &wide] {
+                let (mut oa, mut ob) = (vec![f32::NAN; n], vec![f32::NAN; n]);
+                put_back(p, &[&a, &b], &mut [&mut oa, &mut ob]);
+                assert!(idx.iter().enumerate().all(|(q, &i)| oa[i] == a[q] && ob[i] == b[q]));
             }
         }
     }

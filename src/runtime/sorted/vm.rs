@@ -99,8 +99,8 @@ pub enum Source {
     Read(Read),
     /// Compute it (an elementwise op of its arguments).
     Compute,
-    /// It equals another node's value here: a scatter evaluated at its own sort's
-    /// positions is its argument.
+    /// It equals another node's value here: at a sort's positions, a gather or scatter
+    /// along it is its value argument.
     Same(NodeId),
 }
 
