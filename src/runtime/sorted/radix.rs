@@ -328,7 +328,7 @@ mod tests {
                 s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                 let u = ((s >> 40) as f32 + 0.5) / (1u64 << 24) as f32;
                 let v = (((s >> 16) & 0xffffff) as f32 + 0.5) / (1u64 << 24) as f32;
-                1.0 + (-2.0 * u.ln()).sqrt() * (6.283 * v).cos()
+                1.0 + (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
             })
             .collect();
         let median = |mut t: Vec<f64>| {
