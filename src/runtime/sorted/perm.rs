@@ -230,35 +230,38 @@ pub fn unsort(perm: &Perm, staged: &[f64], stride: usize) -> Vec<f64> {
     let plan = Buckets::new(n, 8 * stride, &index);
     // Up to three values travel per record; more go in several rounds.
     for col in (0..stride).step_by(3) {
-        fn round<const W: usize>(
-            plan: &Buckets,
-            staged: &[f64],
-            stride: usize,
-            col: usize,
-            index: &(impl Fn(usize) -> usize + Sync),
-            out: &mut [f64],
-        ) {
-            let make = |q: usize| -> [u64; W] {
-                let mut r = [0u64; W];
-                r[0] = index(q) as u64;
-                for (j, v) in r[1..].iter_mut().enumerate() {
-                    *v = staged[q * stride + col + j].to_bits();
-                }
-                r
-            };
-            plan.unsort(make, out, stride, |row, r| {
-                for (j, v) in r[1..].iter().enumerate() {
-                    row[col + j] = f64::from_bits(*v);
-                }
-            });
-        }
         match (stride - col).min(3) {
-            1 => round::<2>(&plan, staged, stride, col, &index, &mut out),
-            2 => round::<3>(&plan, staged, stride, col, &index, &mut out),
-            _ => round::<4>(&plan, staged, stride, col, &index, &mut out),
+            1 => unsort_round::<2>(&plan, staged, stride, col, &index, &mut out),
+            2 => unsort_round::<3>(&plan, staged, stride, col, &index, &mut out),
+            _ => unsort_round::<4>(&plan, staged, stride, col, &index, &mut out),
         }
     }
     out
+}
+
+/// One round of `unsort`: values `col..col + W - 1` of each row, as records
+/// `[element index, values...]`.
+fn unsort_round<const W: usize>(
+    plan: &Buckets,
+    staged: &[f64],
+    stride: usize,
+    col: usize,
+    index: &(impl Fn(usize) -> usize + Sync),
+    out: &mut [f64],
+) {
+    let make = |q: usize| -> [u64; W] {
+        let mut r = [0u64; W];
+        r[0] = index(q) as u64;
+        for (j, v) in r[1..].iter_mut().enumerate() {
+            *v = staged[q * stride + col + j].to_bits();
+        }
+        r
+    };
+    plan.unsort(make, out, stride, |row, r| {
+        for (j, v) in r[1..].iter().enumerate() {
+            row[col + j] = f64::from_bits(*v);
+        }
+    });
 }
 
 /// Puts f32 values in sorted order back in element order, into `outs[j]` from
