@@ -287,6 +287,21 @@ unsafe fn read_pointers<T>(
     shapes: *const Shape,
     n: usize,
 ) -> Result<Vec<Unread<T>>, Failure> {
+    // Before reading the arrays: `n` is their length by the caller's contract, and a wrong
+    // count would read past them (or reserve a vector of absurd size).
+    let specs = loss.inputs();
+    if n != specs.len() {
+        let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+        return Err(Failure::new(
+            Status::Shape,
+            format!(
+                "error: `{}` takes {} inputs ({}), but {n} were given (n_inputs)\n",
+                loss.name(),
+                specs.len(),
+                names.join(", ")
+            ),
+        ));
+    }
     if n == 0 {
         return Ok(vec![]);
     }

@@ -327,7 +327,11 @@ impl Loss {
         }
         let total = ext.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
         match total {
-            Some(n) if n <= MAX_REFERENCE_ELEMENTS => Ok(ext),
+            Some(n) if n <= MAX_REFERENCE_ELEMENTS => {
+                // It holds several f64 arrays of the broadcast size at once.
+                runtime::ensure_memory(ext, 32.0 * n as f64, "the f64 reference evaluator")?;
+                Ok(ext)
+            }
             _ => Err(Error::Shape(format!(
                 "the broadcast shape {ext:?} has more than {MAX_REFERENCE_ELEMENTS} elements, \
                  too many for the f64 reference evaluator"

@@ -246,6 +246,41 @@ fn infinite_logits_give_the_reference_values() {
     }
 }
 
+/// A logit of -inf in a class other than the label (a class masked out) leaves
+/// `cross_entropy_index` finite, as in PyTorch: the label's log-probability is picked with
+/// `where`, not by multiplying every class's by 0 or 1 (0 * -inf is NaN). Checked against
+/// the formula by hand, on both engines.
+#[test]
+fn cross_entropy_index_ignores_minus_infinity_in_other_classes() {
+    let seed = rand::random::<u64>();
+    let mut rng = Rng::new(seed);
+    let (c, s) = (4usize, 37usize);
+    let mut x: Vec<f32> = (0..c * s).map(|_| rng.normal() as f32 * 2.0).collect();
+    let t: Vec<f32> = (0..s).map(|_| (rng.uniform() * c as f64).floor() as f32).collect();
+    for (k, &label) in t.iter().enumerate() {
+        x[((label as usize + 1) % c) * s + k] = f32::NEG_INFINITY;
+    }
+    let want: f64 = (0..s)
+        .map(|k| {
+            let logits: Vec<f64> = (0..c).map(|j| f64::from(x[j * s + k])).collect();
+            let lse = logits.iter().map(|v| v.exp()).sum::<f64>().ln();
+            lse - logits[t[k] as usize]
+        })
+        .sum::<f64>()
+        / s as f64;
+    let loss = Loss::compile("cross_entropy_index", "").expect("compiles");
+    let views = [View::new([1, c, s], &x), View::new([1, 1, s], &t)];
+    let mut g = vec![0.0f32; c * s];
+    let native = loss.evaluate(&views, &mut [Some(&mut g), None]).expect("evaluates");
+    let tensors: Vec<Tensor> = views.iter().map(View::to_tensor).collect();
+    let (reference, grads) = loss.eval_grad(&tensors.iter().collect::<Vec<_>>()).expect("the reference evaluates");
+    assert!((reference - want).abs() <= 1e-12 * want, "seed {seed}: reference {reference}, by hand {want}");
+    assert!((native - want).abs() <= 1e-5 * want, "seed {seed}: native {native}, by hand {want}");
+    for (k, (&a, &b)) in g.iter().zip(&grads[0].data).enumerate() {
+        assert!(b.is_finite() && (f64::from(a) - b).abs() <= 1e-6, "seed {seed}: d/dx[{k}]: native {a}, reference {b}");
+    }
+}
+
 /// NaN in an input reaches the loss and the gradients where the reference has it: through
 /// `min`, `max` and `clamp` (one `minps`/`maxps` each, which alone would drop a NaN) and
 /// through the class log-sum-exp (whose maximum skips NaNs; the sum catches them).

@@ -1,8 +1,9 @@
 //! The blocked runtime (sweeps over blocks, in parallel) against the reference
 //! evaluator, and bitwise the same for any number of threads.
 
+use lossc::runtime::{self, Backend};
 use lossc::synth::{self, Rng};
-use lossc::{Loss, Tensor};
+use lossc::{Loss, Tensor, View};
 
 fn blockable_losses() -> Vec<Loss> {
     lossc::stdlib::stdlib()
@@ -95,4 +96,31 @@ fn sorting_is_reported_not_run() {
     let refs: Vec<&Tensor> = inputs.iter().collect();
     let err = lossc::runtime::blocked::evaluate(&loss, &refs, true).expect_err("not supported yet");
     assert!(err.to_string().contains("sorting"), "{err}");
+}
+
+/// Small inputs whose broadcast is vast (x [2^22, 1, 1] against y [1, 1, 2^22]: 2^44
+/// elements from two 16 MB arrays) are refused with a shape error before any engine
+/// allocates for the broadcast: a failed allocation would abort the caller's process.
+/// (Where the available memory is unknown, off Linux, the check does not run.)
+#[cfg(target_os = "linux")]
+#[test]
+fn a_broadcast_too_large_for_memory_is_an_error_not_an_abort() {
+    let n = 1usize << 22;
+    let mut rng = lossc::synth::Rng::new(rand::random());
+    let a: Vec<f32> = (0..n).map(|_| rng.uniform() as f32).collect();
+    let b: Vec<f32> = (0..n).map(|_| rng.uniform() as f32).collect();
+    let views = [View::new([n, 1, 1], &a), View::new([1, 1, n], &b)];
+    for (name, backend, engine) in [
+        ("dice", Backend::Jit, "native engine"),
+        ("lovasz_hinge", Backend::Jit, "sort"),
+        ("dice", Backend::Interp, "reference"),
+    ] {
+        let loss = Loss::compile(name, "").expect("compiles");
+        let mut ga = vec![0.0f32; n];
+        let err = runtime::evaluate(&loss, backend, &views, &mut [Some(&mut ga), None])
+            .expect_err("2^44 broadcast elements cannot be evaluated here");
+        let message = err.to_string();
+        assert!(matches!(err, lossc::Error::Shape(_)), "{name}: {message}");
+        assert!(message.contains("[4194304, 1, 4194304]") && message.contains(engine), "{name}: {message}");
+    }
 }

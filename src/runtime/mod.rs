@@ -46,11 +46,71 @@ pub fn evaluate(
         return reference(loss, inputs, grads);
     }
     let want: Vec<bool> = (0..inputs.len()).map(|i| grads.get(i).is_some_and(Option::is_some)).collect();
+    let n = ext.iter().product::<usize>() as f64;
     match engine(loss, inputs, ext, &want) {
-        Engine::Native => native::evaluate(loss, inputs, ext, grads),
-        Engine::Sorted => sorted::evaluate(loss, inputs, ext, grads),
-        Engine::Blocked(_) => reference_blocked(loss, inputs, grads),
+        Engine::Native => {
+            ensure_memory(ext, native_bytes(ext), "the native engine's block partials")?;
+            native::evaluate(loss, inputs, ext, grads)
+        }
+        Engine::Sorted => {
+            ensure_memory(ext, SORTED_BYTES_PER_ELEMENT * n, "the sort and its scans")?;
+            sorted::evaluate(loss, inputs, ext, grads)
+        }
+        Engine::Blocked(_) => {
+            ensure_memory(ext, native_bytes(ext), "the per-block evaluator's partials")?;
+            reference_blocked(loss, inputs, grads)
+        }
     }
+}
+
+/// Working memory per broadcast element of the `sorted` engine, roughly: the sort's
+/// records twice over (radix passes), the permutation, and the scans' stored columns.
+const SORTED_BYTES_PER_ELEMENT: f64 = 64.0;
+
+/// Working memory of the block-parallel engines, roughly: per block (one batch item, up to
+/// `native::BLOCK` positions) its description and a few f64 partial sums per class.
+fn native_bytes(ext: [usize; 3]) -> f64 {
+    let blocks = ext[0] as f64 * ext[2].div_ceil(native::BLOCK) as f64;
+    blocks * (32.0 + 64.0 * ext[1] as f64)
+}
+
+/// Refuses an evaluation whose working memory (`bytes`, an estimate) exceeds the memory
+/// this machine has available. Broadcasting lets small inputs ask for far more than they
+/// hold (x of shape [65536, 1, 1] against y of shape [1, 1, 65536] is 2^32 elements), and a
+/// failed allocation aborts the process, the caller's included: a clear error instead.
+/// Where the available memory is unknown (not Linux), nothing is refused here.
+pub(crate) fn ensure_memory(ext: [usize; 3], bytes: f64, what: &str) -> Result<(), Error> {
+    let Some(available) = available_memory() else { return Ok(()) };
+    if bytes <= available as f64 {
+        return Ok(());
+    }
+    let gb = |b: f64| b / 1e9;
+    Err(Error::Shape(format!(
+        "the broadcast shape {ext:?} ({} elements) needs about {:.1} GB of working memory for {what}, \
+         more than the {:.1} GB this machine has available",
+        ext.iter().product::<usize>(),
+        gb(bytes),
+        gb(available as f64)
+    )))
+}
+
+/// Bytes of memory available to a new allocation: free RAM that can be reclaimed plus free
+/// swap (/proc/meminfo), or the process's address-space limit (`ulimit -v`) if lower;
+/// `None` where /proc/meminfo is not readable.
+fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = info.lines().find(|l| l.starts_with(name))?;
+        let kb: u64 = line[name.len()..].trim().trim_end_matches("kB").trim().parse().ok()?;
+        Some(kb * 1024)
+    };
+    let free = field("MemAvailable:")? + field("SwapFree:").unwrap_or(0);
+    // "Max address space   <soft>   <hard>   bytes", the soft limit a number or "unlimited".
+    let limit = std::fs::read_to_string("/proc/self/limits").ok().and_then(|limits| {
+        let line = limits.lines().find(|l| l.starts_with("Max address space"))?;
+        line["Max address space".len()..].split_whitespace().next()?.parse::<u64>().ok()
+    });
+    Some(limit.map_or(free, |l| l.min(free)))
 }
 
 /// The engine that runs a loss natively.

@@ -309,6 +309,13 @@ static void check_eval_errors(const case_t *c) {
     expect_failure(st, LOSSC_STATUS_SHAPE, "takes 2 inputs", "one input for two");
     st = lossc_eval(loss, NULL, NULL, 0, &value, NULL);
     expect_failure(st, LOSSC_STATUS_SHAPE, "0 were given", "no inputs");
+    /* A count past the arrays is refused before they are read. */
+    st = lossc_eval(loss, inputs, shapes, 3, &value, NULL);
+    expect_failure(st, LOSSC_STATUS_SHAPE, "3 were given", "three inputs for two");
+    st = lossc_eval(loss, inputs, shapes, (size_t)1 << 40, &value, NULL);
+    expect_failure(st, LOSSC_STATUS_SHAPE, "takes 2 inputs", "an absurd input count");
+    st = lossc_eval(loss, inputs, shapes, SIZE_MAX, &value, NULL);
+    expect_failure(st, LOSSC_STATUS_SHAPE, "takes 2 inputs", "SIZE_MAX inputs");
 
     lossc_shape shorter[2] = {shapes[0], shapes[1]};
     shorter[1].spatial = shapes[1].spatial / 2;
