@@ -205,6 +205,51 @@ fn demo_trains() {
 }
 
 /// A header promising more than the file holds, and bool masks.
+/// What would lose data or hang is refused with a message: a file with bytes past its data
+/// or cut short, an input given twice, a gradient over an input file, an output that cannot
+/// be written (and then no other output is left behind), an absurd thread count.
+#[test]
+fn eval_refuses_damaged_files_and_risky_requests() {
+    let dir = scratch("risky");
+    let (p, y) = (dir.join("p.npy"), dir.join("y.npy"));
+    let mut rng = lossc::synth::Rng::new(rand::random());
+    let values: Vec<f64> = (0..12).map(|_| rng.uniform()).collect();
+    write_npy_f32(&p, &[1, 3, 4], &values);
+    write_npy_f32(&y, &[1, 3, 4], &values.iter().map(|v| (v * 2.0).floor()).collect::<Vec<_>>());
+    let arg = |k: &str, f: &Path| format!("{k}={}", f.display());
+    let bytes = std::fs::read(&p).expect("read");
+    let (longer, shorter) = (dir.join("longer.npy"), dir.join("shorter.npy"));
+    std::fs::write(&longer, [bytes.as_slice(), &[0u8; 8]].concat()).expect("write");
+    std::fs::write(&shorter, &bytes[..bytes.len() - 6]).expect("write");
+    let o = lossc(&["eval", "dice", "--input", &arg("p", &longer), "--input", &arg("y", &y)]);
+    assert!(stderr(&o).contains("8 bytes follow the data"), "{}", stderr(&o));
+    let o = lossc(&["eval", "dice", "--input", &arg("p", &shorter), "--input", &arg("y", &y)]);
+    assert!(stderr(&o).contains("truncated") && stderr(&o).contains("48 bytes"), "{}", stderr(&o));
+    let o = lossc(&["eval", "dice", "--input", &arg("p", &p), "--input", &arg("p", &y), "--input", &arg("y", &y)]);
+    assert!(stderr(&o).contains("--input p is given twice"), "{}", stderr(&o));
+    let o = lossc(&["eval", "dice", "--input", &arg("p", &p), "--input", &arg("y", &y), "--grad", &arg("p", &p)]);
+    assert!(stderr(&o).contains("would overwrite an input file"), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&p).expect("read"), bytes, "the input is intact");
+    let dp = dir.join("dp.npy");
+    let _ = std::fs::remove_file(&dp);
+    let o = lossc(&[
+        "eval",
+        "dice",
+        "--input",
+        &arg("p", &p),
+        "--input",
+        &arg("y", &y),
+        "--grad",
+        &arg("p", &dp),
+        "--grad",
+        "y=/nonexistent/dy.npy",
+    ]);
+    assert!(stderr(&o).contains("cannot write /nonexistent/dy.npy"), "{}", stderr(&o));
+    assert!(!dp.exists(), "no gradient written when another cannot be");
+    let o = lossc(&["eval", "dice", "--input", &arg("p", &p), "--input", &arg("y", &y), "--threads", "100000"]);
+    assert!(stderr(&o).contains("--threads must be between 1 and"), "{}", stderr(&o));
+}
+
 #[test]
 fn npy_headers_are_validated_and_bools_read() {
     let dir = scratch("headers");

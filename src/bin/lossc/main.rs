@@ -1,6 +1,6 @@
 //! The `lossc` command line: check, show, evaluate and list losses.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -170,11 +170,15 @@ fn show(source: &str, grad: bool, plan: bool, params: &str) -> Result<(), Failur
     Ok(())
 }
 
+/// The most worker threads `--threads` starts: far more than cores only costs (each
+/// thread a stack and a share of every parallel step), and 10000 took minutes to start.
+const MAX_THREADS: usize = 1024;
+
 /// Sizes rayon's global pool; without `--threads` rayon follows RAYON_NUM_THREADS.
 fn set_threads(threads: Option<usize>) -> Result<(), Failure> {
     if let Some(n) = threads {
-        if n == 0 {
-            return Err(Failure("error: --threads must be at least 1\n".into()));
+        if n == 0 || n > MAX_THREADS {
+            return Err(Failure(format!("error: --threads must be between 1 and {MAX_THREADS}\n")));
         }
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
@@ -201,58 +205,98 @@ fn eval(source: &str, params: &str, inputs: &[String], grads: &[String], backend
     for item in inputs {
         let (name, file) = split(item)?;
         let i = position(&name)?;
+        if given[i].is_some() {
+            return Err(Failure(format!("error: --input {name} is given twice\n")));
+        }
         given[i] = Some(npy::read(Path::new(&file)).map_err(|e| Failure(format!("error: {file}: {e}\n")))?);
     }
     let mut arrays = Vec::new();
     for (spec, g) in loss.inputs().iter().zip(given) {
         arrays.push(g.ok_or_else(|| Failure(format!("error: missing --input {}=FILE.npy\n", spec.name)))?);
     }
-    let mut outputs: Vec<(usize, String)> = Vec::new();
+    let read_from: Vec<PathBuf> = inputs
+        .iter()
+        .filter_map(|item| item.split_once('=').and_then(|(_, f)| std::fs::canonicalize(f).ok()))
+        .collect();
+    let mut wanted: Vec<(usize, String)> = Vec::new();
     for item in grads {
         let (name, file) = split(item)?;
-        outputs.push((position(&name)?, file));
+        let i = position(&name)?;
+        if std::fs::canonicalize(&file).is_ok_and(|f| read_from.contains(&f)) {
+            return Err(Failure(format!("error: --grad {name}={file} would overwrite an input file\n")));
+        }
+        wanted.push((i, file));
     }
-    let data: Vec<Vec<f32>> = arrays.iter().map(|a| a.tensor.data.iter().map(|&v| v as f32).collect()).collect();
-    let views: Vec<View> = arrays.iter().zip(&data).map(|(a, d)| View::new(a.tensor.shape, d)).collect();
-    let (value, gradients) = if backend == Backend::Interp {
-        // The reference keeps float64 inputs exact.
-        let tensors: Vec<&Tensor> = arrays.iter().map(|a| &a.tensor).collect();
-        if outputs.is_empty() {
-            (loss.eval(&tensors)?, vec![])
-        } else {
-            loss.eval_grad(&tensors)?
-        }
-    } else {
-        let mut buffers: Vec<Vec<f32>> = arrays
-            .iter()
-            .enumerate()
-            .map(|(i, a)| if outputs.iter().any(|(j, _)| *j == i) { vec![0.0; a.tensor.len()] } else { vec![] })
-            .collect();
-        let mut slots: Vec<Option<&mut [f32]>> =
-            buffers.iter_mut().map(|b| if b.is_empty() { None } else { Some(b.as_mut_slice()) }).collect();
-        if outputs.is_empty() {
-            slots.clear();
-        }
-        let value = loss.evaluate(&views, &mut slots)?;
-        let tensors = arrays
-            .iter()
-            .zip(&buffers)
-            .map(|(a, b)| {
-                if b.is_empty() {
-                    Tensor::filled(a.tensor.shape, 0.0)
-                } else {
-                    Tensor::new(a.tensor.shape, b.iter().map(|&v| f64::from(v)).collect())
+    // Every output file is created before the evaluation, so that a path that cannot be
+    // written fails before anything is computed or written.
+    let mut outputs: Vec<(usize, String, std::fs::File)> = Vec::new();
+    for (i, file) in wanted {
+        match std::fs::File::create(&file) {
+            Ok(out) => outputs.push((i, file, out)),
+            Err(e) => {
+                for (_, created, _) in &outputs {
+                    let _ = std::fs::remove_file(created);
                 }
-            })
-            .collect();
-        (value, tensors)
-    };
-    for (i, file) in &outputs {
-        npy::write(Path::new(file), &gradients[*i], &arrays[*i])
-            .map_err(|e| Failure(format!("error: cannot write {file}: {e}\n")))?;
+                return Err(Failure(format!("error: cannot write {file}: {e}\n")));
+            }
+        }
     }
-    println!("{value:?}");
-    Ok(())
+    let paths: Vec<String> = outputs.iter().map(|(_, file, _)| file.clone()).collect();
+    let run = || -> Result<f64, Failure> {
+        let data: Vec<Vec<f32>> = arrays.iter().map(|a| a.tensor.data.iter().map(|&v| v as f32).collect()).collect();
+        let views: Vec<View> = arrays.iter().zip(&data).map(|(a, d)| View::new(a.tensor.shape, d)).collect();
+        let (value, gradients) = if backend == Backend::Interp {
+            // The reference keeps float64 inputs exact.
+            let tensors: Vec<&Tensor> = arrays.iter().map(|a| &a.tensor).collect();
+            if outputs.is_empty() {
+                (loss.eval(&tensors)?, vec![])
+            } else {
+                loss.eval_grad(&tensors)?
+            }
+        } else {
+            let mut buffers: Vec<Vec<f32>> = arrays
+                .iter()
+                .enumerate()
+                .map(|(i, a)| if outputs.iter().any(|(j, ..)| *j == i) { vec![0.0; a.tensor.len()] } else { vec![] })
+                .collect();
+            let mut slots: Vec<Option<&mut [f32]>> =
+                buffers.iter_mut().map(|b| if b.is_empty() { None } else { Some(b.as_mut_slice()) }).collect();
+            if outputs.is_empty() {
+                slots.clear();
+            }
+            let value = loss.evaluate(&views, &mut slots)?;
+            let tensors = arrays
+                .iter()
+                .zip(&buffers)
+                .map(|(a, b)| {
+                    if b.is_empty() {
+                        Tensor::filled(a.tensor.shape, 0.0)
+                    } else {
+                        Tensor::new(a.tensor.shape, b.iter().map(|&v| f64::from(v)).collect())
+                    }
+                })
+                .collect();
+            (value, tensors)
+        };
+        for (i, file, out) in outputs {
+            npy::write(out, &gradients[i], &arrays[i])
+                .map_err(|e| Failure(format!("error: cannot write {file}: {e}\n")))?;
+        }
+        Ok(value)
+    };
+    match run() {
+        Ok(value) => {
+            println!("{value:?}");
+            Ok(())
+        }
+        Err(e) => {
+            // No half-written results: the files created above go.
+            for path in &paths {
+                let _ = std::fs::remove_file(path);
+            }
+            Err(e)
+        }
+    }
 }
 
 /// The stdlib definitions that are losses (reduce to a scalar), and the helpers that are not.

@@ -1,7 +1,7 @@
 //! .npy files to and from `[batch, class, spatial]` tensors.
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter};
+use std::io::{BufReader, BufWriter, Read};
 use std::path::Path;
 
 use lossc::Tensor;
@@ -44,7 +44,10 @@ pub fn read(path: &Path) -> Result<Array, String> {
 
 fn read_checked(path: &Path, file_len: u64) -> Result<Array, String> {
     let file = File::open(path).map_err(|e| e.to_string())?;
-    let npy = NpyFile::new(BufReader::new(file)).map_err(|e| e.to_string())?;
+    let npy = NpyFile::new(BufReader::new(file)).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => "truncated: the file ends inside its .npy header".to_string(),
+        _ => e.to_string(),
+    })?;
     if npy.order() == npyz::Order::Fortran {
         return Err("Fortran-order arrays are not supported; save a C-order array".into());
     }
@@ -53,9 +56,32 @@ fn read_checked(path: &Path, file_len: u64) -> Result<Array, String> {
         return Err("only plain numeric dtypes are supported".into());
     };
     let size = ts.size_field();
+    let supported = matches!(
+        (ts.type_char(), size),
+        (TypeChar::Float, 4 | 8) | (TypeChar::Int, 1 | 2 | 4 | 8) | (TypeChar::Uint, 1 | 4) | (TypeChar::Bool, 1)
+    );
+    if !supported {
+        return Err(format!("unsupported dtype {:?}{size}; use float32 or float64", ts.type_char()));
+    }
     let bytes = shape.iter().try_fold(size, |acc, &d| acc.checked_mul(d));
-    if bytes.is_none_or(|b| b > file_len) {
-        return Err(format!("its header promises shape {shape:?}, more than the file holds"));
+    let start = data_offset(path)?;
+    match bytes.and_then(|b| b.checked_add(start)) {
+        Some(end) if end == file_len => {}
+        Some(end) if end < file_len => {
+            return Err(format!(
+                "{} bytes follow the data its header describes (shape {shape:?}): a corrupt or \
+                 concatenated file",
+                file_len - end
+            ))
+        }
+        _ => {
+            return Err(format!(
+                "truncated: its header promises shape {shape:?} ({} bytes of data), but the file \
+                 holds {} bytes after the header",
+                bytes.map_or_else(|| "too many".to_string(), |b| b.to_string()),
+                file_len.saturating_sub(start)
+            ))
+        }
     }
     let bcs = to_bcs(&shape)?;
     let err = |e: std::io::Error| e.to_string();
@@ -72,7 +98,7 @@ fn read_checked(path: &Path, file_len: u64) -> Result<Array, String> {
         (TypeChar::Bool, 1) => {
             (npy.into_vec::<bool>().map_err(err)?.into_iter().map(|b| f64::from(u8::from(b))).collect(), false)
         }
-        (c, s) => return Err(format!("unsupported dtype {c:?}{s}; use float32 or float64")),
+        _ => unreachable!("checked above"),
     };
     let need = bcs.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
     if need != Some(data.len()) {
@@ -81,9 +107,21 @@ fn read_checked(path: &Path, file_len: u64) -> Result<Array, String> {
     Ok(Array { tensor: Tensor::new(bcs, data), shape, float64 })
 }
 
+/// Where the data starts: after the magic string, the version, the header's length (two
+/// bytes in version 1, four in versions 2 and 3) and the header.
+fn data_offset(path: &Path) -> Result<u64, String> {
+    let mut head = [0u8; 12];
+    let mut file = File::open(path).map_err(|e| e.to_string())?;
+    file.read_exact(&mut head).map_err(|_| "too short for a .npy header".to_string())?;
+    Ok(match head[6] {
+        1 => 10 + u64::from(u16::from_le_bytes([head[8], head[9]])),
+        _ => 12 + u64::from(u32::from_le_bytes([head[8], head[9], head[10], head[11]])),
+    })
+}
+
 /// Writes `grad` with the shape of `like`: float64 for a float64 input, float32 otherwise.
-pub fn write(path: &Path, grad: &Tensor, like: &Array) -> Result<(), String> {
-    let file = BufWriter::new(File::create(path).map_err(|e| e.to_string())?);
+pub fn write(file: File, grad: &Tensor, like: &Array) -> Result<(), String> {
+    let file = BufWriter::new(file);
     let err = |e: std::io::Error| e.to_string();
     if like.float64 {
         let mut w =
