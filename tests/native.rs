@@ -249,9 +249,9 @@ fn infinite_logits_give_the_reference_values() {
 /// A logit of -inf in a class other than the label (a class masked out) leaves
 /// `cross_entropy_index` finite, as in PyTorch: the label's log-probability is picked with
 /// `where`, not by multiplying every class's by 0 or 1 (0 * -inf is NaN). Checked against
-/// the formula by hand, on both engines.
+/// the formula by hand, on both engines. And a label that names no class gives NaN.
 #[test]
-fn cross_entropy_index_ignores_minus_infinity_in_other_classes() {
+fn cross_entropy_index_ignores_minus_infinity_in_other_classes_and_flags_bad_labels() {
     let seed = rand::random::<u64>();
     let mut rng = Rng::new(seed);
     let (c, s) = (4usize, 37usize);
@@ -278,6 +278,20 @@ fn cross_entropy_index_ignores_minus_infinity_in_other_classes() {
     assert!((native - want).abs() <= 1e-5 * want, "seed {seed}: native {native}, by hand {want}");
     for (k, (&a, &b)) in g.iter().zip(&grads[0].data).enumerate() {
         assert!(b.is_finite() && (f64::from(a) - b).abs() <= 1e-6, "seed {seed}: d/dx[{k}]: native {a}, reference {b}");
+    }
+
+    // A label that names no class makes the loss NaN on both engines; ignore_index does not.
+    for bad in [c as f32, -1.0, 1.5, f32::NAN, f32::INFINITY] {
+        let mut t = t.clone();
+        t[s / 2] = bad;
+        let views = [View::new([1, c, s], &x), View::new([1, 1, s], &t)];
+        let native = loss.evaluate(&views, &mut []).expect("evaluates");
+        let tensors: Vec<Tensor> = views.iter().map(View::to_tensor).collect();
+        let reference = loss.eval(&tensors.iter().collect::<Vec<_>>()).expect("the reference evaluates");
+        assert!(native.is_nan() && reference.is_nan(), "label {bad}: native {native}, reference {reference}");
+        t[s / 2] = -100.0;
+        let views = [View::new([1, c, s], &x), View::new([1, 1, s], &t)];
+        assert!(loss.evaluate(&views, &mut []).expect("evaluates").is_finite(), "an ignored label");
     }
 }
 

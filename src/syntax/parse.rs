@@ -79,7 +79,10 @@ fn bounded(e: Expr) -> Result<Expr, Diagnostic> {
     if e.depth as usize > MAX_NESTING {
         return Err(Diagnostic::new("parse::too_deep", e.span, "the expression nests too deeply")
             .label(format!("more than {MAX_NESTING} levels of operators and calls"))
-            .help("split it into smaller pieces with `let`"));
+            .help(
+                "split it into smaller pieces with `let` (a chain a + b + c + ... nests one level per \
+                 operator: sum long chains in parts, `let s1 = a1 + ... + a100;`, then `s1 + s2 + ...`)",
+            ));
     }
     Ok(e)
 }
