@@ -103,6 +103,25 @@ fn every_stdlib_loss_agrees_with_the_reference() {
     assert!(failures.is_empty(), "seed {seed}:\n{}", failures.join("\n"));
 }
 
+/// Probabilities of exactly 0 and 1 (a saturated sigmoid in float32) against the
+/// reference: the clamped logs of `bce`, `combo` and `unified_focal` must stop at eps
+/// itself, not at the float32 rounding of 1 - eps (1% off in the value, more in d/dy).
+#[test]
+fn saturated_probabilities_agree_with_the_reference() {
+    let seed: u64 = rand::random();
+    let mut rng = Rng::new(seed);
+    for name in ["bce", "combo", "unified_focal", "dice", "tversky"] {
+        let loss = Loss::compile(name, "").expect("compiles");
+        let mut inputs = synth::inputs(loss.inputs(), [2, 1, 203], &mut rng);
+        let (p, y) = inputs.split_at_mut(1);
+        for (k, (p, y)) in p[0].data.iter_mut().zip(&mut y[0].data).enumerate().take(40) {
+            *p = if k % 2 == 0 { 1.0 } else { 0.0 };
+            *y = if k % 4 < 2 { 1.0 } else { 0.0 };
+        }
+        compare(&loss, &inputs, &[true, true], "at p = 0 and 1").unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+    }
+}
+
 #[test]
 fn value_only_and_some_gradients() {
     let seed: u64 = rand::random();
