@@ -80,6 +80,11 @@ fn native_bytes(ext: [usize; 3]) -> f64 {
 /// failed allocation aborts the process, the caller's included: a clear error instead.
 /// Where the available memory is unknown (not Linux), nothing is refused here.
 pub(crate) fn ensure_memory(ext: [usize; 3], bytes: f64, what: &str) -> Result<(), Error> {
+    // Below this, not worth reading /proc on every call (small evaluations are microseconds).
+    const ALWAYS_FITS: f64 = 256e6;
+    if bytes <= ALWAYS_FITS {
+        return Ok(());
+    }
     let Some(available) = available_memory() else { return Ok(()) };
     if bytes <= available as f64 {
         return Ok(());
