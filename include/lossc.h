@@ -34,7 +34,10 @@ typedef enum {
   LOSSC_STATUS_PARAMS = 3,
   /**
    * Inputs of the wrong number or shape: the message names the input, the expected
-   * and the received shapes, and the broadcast rule.
+   * and the received shapes, and the broadcast rule. Also a broadcast shape whose
+   * evaluation needs more working memory than the machine has available (small inputs
+   * can broadcast to a vast shape): refused up front, where a failed allocation would
+   * abort the process.
    */
   LOSSC_STATUS_SHAPE = 4,
   /**

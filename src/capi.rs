@@ -37,7 +37,10 @@ pub enum Status {
     /// The `params` string is malformed or names a hyperparameter the loss does not have.
     Params = 3,
     /// Inputs of the wrong number or shape: the message names the input, the expected
-    /// and the received shapes, and the broadcast rule.
+    /// and the received shapes, and the broadcast rule. Also a broadcast shape whose
+    /// evaluation needs more working memory than the machine has available (small inputs
+    /// can broadcast to a vast shape): refused up front, where a failed allocation would
+    /// abort the process.
     Shape = 4,
     /// A required pointer argument is NULL: the message names it.
     NullArgument = 5,
