@@ -122,6 +122,34 @@ fn saturated_probabilities_agree_with_the_reference() {
     }
 }
 
+/// Far out in the tail every element of the gradient keeps its relative accuracy in the
+/// losses whose second sweep reads sigmoid(x) back from the first: the value carried is
+/// the smaller of sigmoid(x) and sigmoid(-x), not sigmoid(x), whose 1 - sigmoid(x) rounds
+/// to 0 above x = 17 in float32.
+#[test]
+fn sigmoid_tails_keep_their_accuracy_across_sweeps() {
+    let seed: u64 = rand::random();
+    let mut rng = Rng::new(seed);
+    let n = 203;
+    let x: Vec<f32> = (0..n).map(|_| (rng.uniform() * 80.0 - 40.0) as f32).collect();
+    let y: Vec<f32> = (0..n).map(|_| (rng.uniform() < 0.5) as u8 as f32).collect();
+    let views = [View::new([1, 1, n], &x), View::new([1, 1, n], &y)];
+    let tensors: Vec<Tensor> = views.iter().map(View::to_tensor).collect();
+    for name in ["dice_bce", "dice_multilabel", "dice_focal", "loss f(x, y) = sum(sigmoid(x)) / (1 + sum(y));"] {
+        let loss = Loss::compile(name, "").expect("compiles");
+        let mut g = vec![0.0f32; n];
+        loss.evaluate(&views, &mut [Some(&mut g), None]).expect("evaluates");
+        let (_, grads) = loss.eval_grad(&tensors.iter().collect::<Vec<_>>()).expect("the reference evaluates");
+        for (k, (&a, &b)) in g.iter().zip(&grads[0].data).enumerate() {
+            // Below the normal float32 range an element cannot be relatively accurate.
+            if b.abs() > 1e-36 {
+                let rel = (f64::from(a) - b).abs() / b.abs();
+                assert!(rel < 1e-5, "seed {seed}: {name}: d/dx at x = {}: {a} vs {b}", x[k]);
+            }
+        }
+    }
+}
+
 #[test]
 fn value_only_and_some_gradients() {
     let seed: u64 = rand::random();

@@ -154,7 +154,7 @@ pub(crate) fn plan(loss: &Loss, key: &Key, options: PlanOptions) -> SweepPlan {
         let declared = loss.inputs()[i].axes.contains(AxisSet::CLASS);
         let rows = if declared && !key.one_row[i] { key.shape.classes } else { 1 };
         let sum_classes = declared && key.one_row[i] && key.shape.classes > 1;
-        writes.push((level[n], Write { input: i, node: *n, rows, sum_classes }));
+        writes.push((level[n], Write { input: i, node: *n, rows, sum_classes, carry: false }));
     }
     let mut plans: Vec<Option<Planned>> = Vec::new();
     for k in 0..count {
@@ -179,7 +179,7 @@ pub(crate) fn plan(loss: &Loss, key: &Key, options: PlanOptions) -> SweepPlan {
         if let Some((v, w)) = stash(g, &first, &second, &now.2, key.shape.classes) {
             stashes[k].push((v, w));
             let target = &now.2[w];
-            let carry = Write { input: target.input, node: v, rows: target.rows, sum_classes: false };
+            let carry = Write { input: target.input, node: v, rows: target.rows, sum_classes: false, carry: true };
             if let Some(before) = plans[k - 1].as_mut() {
                 before.2.push(carry);
             }

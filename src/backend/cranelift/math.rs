@@ -384,6 +384,30 @@ impl Math {
         (pos, negated)
     }
 
+    /// sigmoid(x) and sigmoid(-x) (from [`Math::sigmoid_pair`]) as one float, for a value a
+    /// sweep leaves for the next: the smaller of the two, which is accurate however far out
+    /// in the tail, with x's sign in the sign bit. Carrying sigmoid(x) itself would lose
+    /// sigmoid(-x) = 1 - sigmoid(x) for x above about 9 (sigmoid(x) rounds to 1 above 17).
+    pub fn pack_sigmoids(self, b: &mut FunctionBuilder, x: Value, pos: Value, neg: Value) -> Value {
+        let negative = fcmp_k(b, FloatCC::LessThan, x, 0.0);
+        let small = select(b, negative, pos, neg);
+        or_sign(b, small, x)
+    }
+
+    /// (sigmoid(x), sigmoid(-x)) from [`Math::pack_sigmoids`]: the smaller as stored, the
+    /// larger (at least 1/2) as 1 minus it, within an ulp. NaN stays NaN.
+    pub fn unpack_sigmoids(self, b: &mut FunctionBuilder, packed: Value) -> (Value, Value) {
+        let bits = as_int(b, packed);
+        // All ones where x was negative (-0 and -inf included): there sigmoid(x) is the smaller.
+        let negative = b.ins().sshr_imm_u(bits, 31);
+        let magnitude = splat_int(b, !SIGN);
+        let small = b.ins().band(bits, magnitude);
+        let small = as_float(b, small);
+        let one = splat(b, 1.0);
+        let large = b.ins().fsub(one, small);
+        (select(b, negative, small, large), select(b, negative, large, small))
+    }
+
     /// max(x, 0) + l, softplus's last step.
     pub fn positive_part_plus(self, b: &mut FunctionBuilder, x: Value, l: Value) -> Value {
         let zero = splat(b, 0.0);

@@ -70,6 +70,10 @@ pub struct Write {
     /// The input is given with one class row but used for every class: its gradient is
     /// the sum over classes.
     pub sum_classes: bool,
+    /// Not a gradient: a value this sweep leaves in the buffer for the next sweep, which
+    /// reads it there before writing the gradient (`SweepSpec::stashed`). A sigmoid is
+    /// carried packed with its mirror image (`Math::pack_sigmoids`).
+    pub carry: bool,
 }
 
 /// What one kernel computes, in terms of the graph.
@@ -267,6 +271,12 @@ type SoftmaxParts = (Vec<Value>, Value, Option<Value>);
 
 /// The vectors of one group of lanes, by node and class.
 type Values = HashMap<(NodeId, usize), Value>;
+
+/// Where `Values` keeps the packed form of a carried sigmoid of class `c`, beside its
+/// value (no class index comes near).
+const fn packed(c: usize) -> usize {
+    usize::MAX - c
+}
 
 /// Where a group of four lanes is: this byte offset past the rows' current addresses.
 #[derive(Clone, Copy)]
@@ -588,6 +598,12 @@ impl Emitter<'_> {
             .unwrap_or_else(|| panic!("invariant: {id:?} class {c} is computed before use"))
     }
 
+    /// The packed form of a carried sigmoid (`Math::pack_sigmoids`), by class like `value`.
+    fn packed_value(&self, values: &Values, id: NodeId, c: usize) -> Value {
+        let c = if self.g.axes(id).contains(AxisSet::CLASS) { c } else { 0 };
+        *values.get(&(id, packed(c))).unwrap_or_else(|| panic!("invariant: {id:?} class {c} is packed before use"))
+    }
+
     /// Stores every gradient the sweep writes at the body's positions.
     fn store(&self, b: &mut FunctionBuilder, values: &Values, rows: &[Vec<Value>], at: At) {
         for (w, addrs) in self.spec.writes.iter().zip(rows) {
@@ -604,6 +620,8 @@ impl Emitter<'_> {
                         s = b.ins().fmul(s, k);
                     }
                     s
+                } else if w.carry && self.packs(w.node) {
+                    self.packed_value(values, w.node, r)
                 } else {
                     self.value(values, w.node, r)
                 };
@@ -634,7 +652,14 @@ impl Emitter<'_> {
                 if let Some(&(_, w)) = self.spec.stashed.iter().find(|(v, _)| *v == id) {
                     for c in 0..n {
                         let list = &write_rows[w];
-                        values.insert((id, c), load(b, list[c.min(list.len() - 1)], at));
+                        let stored = load(b, list[c.min(list.len() - 1)], at);
+                        if self.packs(id) {
+                            let (pos, _) = self.math.unpack_sigmoids(b, stored);
+                            values.insert((id, packed(c)), stored);
+                            values.insert((id, c), pos);
+                        } else {
+                            values.insert((id, c), stored);
+                        }
                     }
                     continue;
                 }
@@ -655,13 +680,12 @@ impl Emitter<'_> {
                     // sigmoid and softplus of x and of -x share e^-|x|, one division, one log1p.
                     Op::Sigmoid | Op::Softplus => {
                         let (base, negated) = self.logistic_base(id);
-                        // With sigmoid(x) stashed, sigmoid(-x) = 1 - sigmoid(x) (accurate to
-                        // an ulp of 1: this only happens in gradient sweeps).
+                        // With sigmoid(x) stashed, sigmoid(-x) comes from the same packed value.
                         if let Some(v) = self.stashed_sigmoid(id) {
                             for c in 0..n {
-                                let s = self.value(values, v, c);
-                                let one = math::splat(b, 1.0);
-                                values.insert((id, c), b.ins().fsub(one, s));
+                                let stored = self.packed_value(values, v, c);
+                                let (_, neg) = self.math.unpack_sigmoids(b, stored);
+                                values.insert((id, c), neg);
                             }
                             continue;
                         }
@@ -672,6 +696,9 @@ impl Emitter<'_> {
                             }
                             let v = if node.op == Op::Sigmoid {
                                 let (pos, neg) = logistic.sigmoids(self.math, b, x);
+                                if self.carries_packed(id) {
+                                    values.insert((id, packed(c)), self.math.pack_sigmoids(b, x, pos, neg));
+                                }
                                 if negated {
                                     neg
                                 } else {
@@ -751,6 +778,17 @@ impl Emitter<'_> {
             Op::Neg => (self.g.node(arg).args[0], true),
             _ => (arg, false),
         }
+    }
+
+    /// Whether `id` is carried between sweeps packed (`Math::pack_sigmoids`): a sigmoid of
+    /// a value that is not itself negated (sigmoid(-x) then comes from the same packing).
+    fn packs(&self, id: NodeId) -> bool {
+        self.g.node(id).op == Op::Sigmoid && !self.logistic_base(id).1
+    }
+
+    /// Whether this sweep leaves `id` for the next one packed.
+    fn carries_packed(&self, id: NodeId) -> bool {
+        self.packs(id) && self.spec.writes.iter().any(|w| w.carry && w.node == id)
     }
 
     /// For sigmoid(-x) in a sweep that has sigmoid(x) stashed: that stashed value.
