@@ -384,13 +384,13 @@ impl Math {
         (pos, negated)
     }
 
-    /// sigmoid(x) and sigmoid(-x) (from [`Math::sigmoid_pair`]) as one float, for a value a
+    /// sigmoid(x) and sigmoid(-x) as one float, for a value a
     /// sweep leaves for the next: the smaller of the two, which is accurate however far out
     /// in the tail, with x's sign in the sign bit. Carrying sigmoid(x) itself would lose
     /// sigmoid(-x) = 1 - sigmoid(x) for x above about 9 (sigmoid(x) rounds to 1 above 17).
-    pub fn pack_sigmoids(self, b: &mut FunctionBuilder, x: Value, pos: Value, neg: Value) -> Value {
-        let negative = fcmp_k(b, FloatCC::LessThan, x, 0.0);
-        let small = select(b, negative, pos, neg);
+    /// `z` and `r` are as for [`Math::sigmoid_pair`], whose smaller value z r this is.
+    pub fn pack_sigmoids(self, b: &mut FunctionBuilder, x: Value, z: Value, r: Value) -> Value {
+        let small = b.ins().fmul(z, r);
         or_sign(b, small, x)
     }
 

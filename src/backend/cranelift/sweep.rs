@@ -697,7 +697,7 @@ impl Emitter<'_> {
                             let v = if node.op == Op::Sigmoid {
                                 let (pos, neg) = logistic.sigmoids(self.math, b, x);
                                 if self.carries_packed(id) {
-                                    values.insert((id, packed(c)), self.math.pack_sigmoids(b, x, pos, neg));
+                                    values.insert((id, packed(c)), logistic.packed(self.math, b, x));
                                 }
                                 if negated {
                                     neg
@@ -1051,6 +1051,13 @@ impl Logistic {
         let p = m.sigmoid_pair(b, x, z, r);
         self.sigmoids.insert(x, p);
         p
+    }
+    /// sigmoid(x) and sigmoid(-x) packed as one float (`Math::pack_sigmoids`).
+    fn packed(&mut self, m: Math, b: &mut FunctionBuilder, x: Value) -> Value {
+        let z = self.z(m, b, x);
+        // The same division as `sigmoids`' (the optimiser merges the two).
+        let r = m.one_plus_recip(b, z);
+        m.pack_sigmoids(b, x, z, r)
     }
     /// log1p(e^-|x|).
     fn log1p(&mut self, m: Math, b: &mut FunctionBuilder, x: Value) -> Value {
