@@ -327,11 +327,7 @@ impl Loss {
         }
         let total = ext.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
         match total {
-            Some(n) if n <= MAX_REFERENCE_ELEMENTS => {
-                // It holds several f64 arrays of the broadcast size at once.
-                runtime::ensure_memory(ext, 32.0 * n as f64, "the f64 reference evaluator")?;
-                Ok(ext)
-            }
+            Some(n) if n <= MAX_REFERENCE_ELEMENTS => Ok(ext),
             _ => Err(Error::Shape(format!(
                 "the broadcast shape {ext:?} has more than {MAX_REFERENCE_ELEMENTS} elements, \
                  too many for the f64 reference evaluator"
@@ -386,7 +382,18 @@ impl Loss {
     /// The loss value, by the f64 reference evaluator.
     pub fn eval(&self, inputs: &[&Tensor]) -> Result<f64, Error> {
         let ext = self.checked_extents(inputs)?;
+        self.reference_fits(ext, &[self.root])?;
         Ok(interp::evaluate(&self.graph, &[self.root], inputs, ext)[0].data[0])
+    }
+
+    /// Refuses a reference evaluation that cannot fit in memory: it may hold an f64 array
+    /// of the broadcast size for every node that varies over the elements (it frees each
+    /// after its last use, so this bounds the peak from above).
+    fn reference_fits(&self, ext: [usize; 3], roots: &[NodeId]) -> Result<(), Error> {
+        let g = &self.graph;
+        let arrays = g.reachable(roots).iter().filter(|&&id| !g.axes(id).is_empty()).count().max(4);
+        let bytes = 8.0 * arrays as f64 * ext.iter().product::<usize>() as f64;
+        runtime::ensure_memory(ext, bytes, "the f64 reference evaluator")
     }
 
     /// The loss value and the gradient for every input (shaped like the input),
@@ -395,6 +402,7 @@ impl Loss {
         let ext = self.checked_extents(inputs)?;
         let mut roots = vec![self.root];
         roots.extend(self.grads.iter().flatten());
+        self.reference_fits(ext, &roots)?;
         let values = interp::evaluate(&self.graph, &roots, inputs, ext);
         let mut values = values.into_iter();
         let loss = values.next().expect("invariant: root value").data[0];

@@ -228,8 +228,39 @@ fn eval_refuses_damaged_files_and_risky_requests() {
     let o = lossc(&["eval", "dice", "--input", &arg("p", &p), "--input", &arg("p", &y), "--input", &arg("y", &y)]);
     assert!(stderr(&o).contains("--input p is given twice"), "{}", stderr(&o));
     let o = lossc(&["eval", "dice", "--input", &arg("p", &p), "--input", &arg("y", &y), "--grad", &arg("p", &p)]);
-    assert!(stderr(&o).contains("would overwrite an input file"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("would overwrite a file this run reads"), "{}", stderr(&o));
     assert_eq!(std::fs::read(&p).expect("read"), bytes, "the input is intact");
+    let o = lossc(&["eval", "dice", "--input", &arg("p", &p), "--input", &arg("y", &y), "--grad", &arg("p", &longer)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = lossc(&[
+        "eval",
+        "dice",
+        "--input",
+        &arg("p", &p),
+        "--input",
+        &arg("y", &y),
+        "--grad",
+        &arg("p", &longer),
+        "--grad",
+        &arg("y", &longer),
+    ]);
+    assert!(stderr(&o).contains("two gradients would be written to"), "{}", stderr(&o));
+    // A run that fails leaves an existing file as it was (and no temporary files).
+    let before = std::fs::read(&longer).expect("read");
+    let misshapen = dir.join("misshapen.npy");
+    write_npy_f32(&misshapen, &[1, 1, 3], &values[..3]);
+    let o = lossc(&[
+        "eval",
+        "dice",
+        "--input",
+        &arg("p", &p),
+        "--input",
+        &arg("y", &misshapen),
+        "--grad",
+        &arg("p", &longer),
+    ]);
+    assert!(stderr(&o).contains("broadcast"), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&longer).expect("read"), before, "an old gradient file survives a failed run");
     let dp = dir.join("dp.npy");
     let _ = std::fs::remove_file(&dp);
     let o = lossc(&[
@@ -246,6 +277,12 @@ fn eval_refuses_damaged_files_and_risky_requests() {
     ]);
     assert!(stderr(&o).contains("cannot write /nonexistent/dy.npy"), "{}", stderr(&o));
     assert!(!dp.exists(), "no gradient written when another cannot be");
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        .expect("list")
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().contains(".lossc-"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
     let o = lossc(&["eval", "dice", "--input", &arg("p", &p), "--input", &arg("y", &y), "--threads", "100000"]);
     assert!(stderr(&o).contains("--threads must be between 1 and"), "{}", stderr(&o));
 }

@@ -114,12 +114,25 @@ fn saturated_probabilities_agree_with_the_reference() {
         let loss = Loss::compile(name, "").expect("compiles");
         let mut inputs = synth::inputs(loss.inputs(), [2, 1, 203], &mut rng);
         let (p, y) = inputs.split_at_mut(1);
-        for (k, (p, y)) in p[0].data.iter_mut().zip(&mut y[0].data).enumerate().take(40) {
-            *p = if k % 2 == 0 { 1.0 } else { 0.0 };
-            *y = if k % 4 < 2 { 1.0 } else { 0.0 };
+        // 0 and 1, and just inside and outside the float32 clamp bounds, where 1 - p rounds
+        // onto 1 - eps: the gradient must be the clamp's (0 outside), as in the reference.
+        let below_eps = f64::from(f32::from_bits(1e-7f32.to_bits() - 1));
+        let edges = [1.0, 0.0, below_eps, 9.5e-8, 9e-8, 1e-7, 1.0 - 6e-8, 1.0 - 1.2e-7];
+        for (k, (p, y)) in p[0].data.iter_mut().zip(&mut y[0].data).enumerate().take(64) {
+            *p = f64::from(edges[k % edges.len()] as f32);
+            *y = if (k / edges.len()) % 2 == 0 { 1.0 } else { 0.0 };
         }
-        compare(&loss, &inputs, &[true, true], "at p = 0 and 1").unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        compare(&loss, &inputs, &[true, true], "at p = 0, 1 and the clamp's edges")
+            .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
     }
+    // `1 - clamp(p, lo, hi)` with lo > hi is 1 - hi everywhere (the clamp's min is last).
+    let loss = Loss::compile("loss f(p) = mean(1 - clamp(p, 0.8, 0.2));", "").expect("compiles");
+    let p: Vec<f32> = (0..37).map(|_| rng.uniform() as f32).collect();
+    let views = [View::new([1, 1, 37], &p)];
+    let tensors: Vec<Tensor> = views.iter().map(View::to_tensor).collect();
+    let native = loss.evaluate(&views, &mut []).expect("evaluates");
+    let reference = loss.eval(&tensors.iter().collect::<Vec<_>>()).expect("evaluates");
+    assert!((native - 0.8).abs() < 1e-6 && (reference - 0.8).abs() < 1e-12, "{native} {reference}");
 }
 
 /// Far out in the tail every element of the gradient keeps its relative accuracy in the

@@ -42,7 +42,7 @@ pub static RULES: &[Rule] = &[
     Rule { name: "one_minus_sigmoid",     pattern: "1 - sigmoid(x) => sigmoid(-x)",     safety: Stable, apply: one_minus_sigmoid },
     Rule { name: "log_sigmoid",           pattern: "log(sigmoid(x)) => -softplus(-x)",  safety: Stable, apply: log_sigmoid },
     Rule { name: "log_one_minus_sigmoid", pattern: "log(1 - sigmoid(x)) => -softplus(x)", safety: Stable, apply: log_one_minus_sigmoid },
-    Rule { name: "sub_clamp",             pattern: "c - clamp(x, lo, hi) => clamp(c - x, c - hi, c - lo)", safety: Stable, apply: sub_clamp },
+    Rule { name: "sub_clamp",             pattern: "c - clamp(x, lo, hi) => where(x < lo, c - lo, where(x > hi, c - hi, c - x))", safety: Stable, apply: sub_clamp },
 ];
 
 /// The first rule that applies to `op(args)`, if any, already built.
@@ -346,11 +346,13 @@ mod tests {
     }
 }
 
-/// The bounds of `c - clamp(x, lo, hi)` folded in f64: `1 - clamp(p, eps, 1 - eps)` (the
-/// log(1 - p) of a clamped BCE) then stops at eps itself. Evaluated literally in f32, 1 - eps
-/// rounds to 1 - 1.19e-7 and the subtraction gives 1.19e-7, not 1e-7: -log of it is 1%
-/// off at p = 1. Inside the bounds both forms compute the same c - x; the gradient is
-/// unchanged (d/dx is -1 where lo <= x <= hi).
+/// `c - clamp(x, lo, hi)` with the bounds' differences folded in f64:
+/// `1 - clamp(p, eps, 1 - eps)` (the log(1 - p) of a clamped BCE) then stops at eps
+/// itself. Evaluated literally in f32, 1 - eps rounds to 1 - 1.19e-7 and the subtraction
+/// gives 1.19e-7, not 1e-7: -log of it is 1% off at p = 1. The branches test x itself, as
+/// the clamp does, so the gradient is the clamp's: -1 for lo <= x <= hi, else 0 (a
+/// `min`/`max` of c - x against the folded bounds would tie where c - x rounds onto one,
+/// and pass a gradient there). Only for lo <= hi: otherwise the clamp is hi everywhere.
 fn sub_clamp(g: &mut Graph, op: Op, args: &[NodeId]) -> Option<NodeId> {
     if op != Op::Sub || g.constant_value(args[0]).is_none() {
         return None;
@@ -359,12 +361,15 @@ fn sub_clamp(g: &mut Graph, op: Op, args: &[NodeId]) -> Option<NodeId> {
     let (Op::Min, outer) = op_of(g, args[1]) else { return None };
     let (Op::Max, inner) = op_of(g, outer[0]) else { return None };
     let (c, x, lo, hi) = (args[0], inner[0], inner[1], outer[1]);
-    if g.constant_value(lo).is_none() || g.constant_value(hi).is_none() {
+    let (Some(l), Some(h)) = (g.constant_value(lo), g.constant_value(hi)) else { return None };
+    if !(l <= h) {
         return None;
     }
-    let d = g.try_add(Op::Sub, &[c, x]).ok()?;
-    let new_lo = g.try_add(Op::Sub, &[c, hi]).ok()?;
-    let new_hi = g.try_add(Op::Sub, &[c, lo]).ok()?;
-    let low = g.try_add(Op::Max, &[d, new_lo]).ok()?;
-    g.try_add(Op::Min, &[low, new_hi]).ok()
+    let below = g.try_add(Op::Lt, &[x, lo]).ok()?;
+    let above = g.try_add(Op::Gt, &[x, hi]).ok()?;
+    let at_lo = g.try_add(Op::Sub, &[c, lo]).ok()?;
+    let at_hi = g.try_add(Op::Sub, &[c, hi]).ok()?;
+    let inside = g.try_add(Op::Sub, &[c, x]).ok()?;
+    let upper = g.try_add(Op::Select, &[above, at_hi, inside]).ok()?;
+    g.try_add(Op::Select, &[below, at_lo, upper]).ok()
 }

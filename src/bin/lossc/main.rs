@@ -1,6 +1,6 @@
 //! The `lossc` command line: check, show, evaluate and list losses.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -10,6 +10,9 @@ use lossc::{Backend, Error, Loss, Program, Tensor, View};
 mod bench;
 mod demo;
 mod npy;
+mod outputs;
+
+use outputs::Outputs;
 
 #[derive(Parser)]
 #[command(name = "lossc", version, about = "A compiler for loss functions")]
@@ -214,89 +217,55 @@ fn eval(source: &str, params: &str, inputs: &[String], grads: &[String], backend
     for (spec, g) in loss.inputs().iter().zip(given) {
         arrays.push(g.ok_or_else(|| Failure(format!("error: missing --input {}=FILE.npy\n", spec.name)))?);
     }
-    let read_from: Vec<PathBuf> = inputs
-        .iter()
-        .filter_map(|item| item.split_once('=').and_then(|(_, f)| std::fs::canonicalize(f).ok()))
-        .collect();
     let mut wanted: Vec<(usize, String)> = Vec::new();
     for item in grads {
         let (name, file) = split(item)?;
-        let i = position(&name)?;
-        if std::fs::canonicalize(&file).is_ok_and(|f| read_from.contains(&f)) {
-            return Err(Failure(format!("error: --grad {name}={file} would overwrite an input file\n")));
-        }
-        wanted.push((i, file));
+        wanted.push((position(&name)?, file));
     }
-    // Every output file is created before the evaluation, so that a path that cannot be
-    // written fails before anything is computed or written.
-    let mut outputs: Vec<(usize, String, std::fs::File)> = Vec::new();
-    for (i, file) in wanted {
-        match std::fs::File::create(&file) {
-            Ok(out) => outputs.push((i, file, out)),
-            Err(e) => {
-                for (_, created, _) in &outputs {
-                    let _ = std::fs::remove_file(created);
-                }
-                return Err(Failure(format!("error: cannot write {file}: {e}\n")));
-            }
-        }
-    }
-    let paths: Vec<String> = outputs.iter().map(|(_, file, _)| file.clone()).collect();
-    let run = || -> Result<f64, Failure> {
-        let data: Vec<Vec<f32>> = arrays.iter().map(|a| a.tensor.data.iter().map(|&v| v as f32).collect()).collect();
-        let views: Vec<View> = arrays.iter().zip(&data).map(|(a, d)| View::new(a.tensor.shape, d)).collect();
-        let (value, gradients) = if backend == Backend::Interp {
-            // The reference keeps float64 inputs exact.
-            let tensors: Vec<&Tensor> = arrays.iter().map(|a| &a.tensor).collect();
-            if outputs.is_empty() {
-                (loss.eval(&tensors)?, vec![])
-            } else {
-                loss.eval_grad(&tensors)?
-            }
+    let mut reads: Vec<&Path> =
+        inputs.iter().filter_map(|item| item.split_once('=')).map(|(_, f)| Path::new(f)).collect();
+    reads.push(Path::new(source));
+    let outputs = Outputs::prepare(&wanted, &reads).map_err(|e| Failure(format!("error: {e}\n")))?;
+    let data: Vec<Vec<f32>> = arrays.iter().map(|a| a.tensor.data.iter().map(|&v| v as f32).collect()).collect();
+    let views: Vec<View> = arrays.iter().zip(&data).map(|(a, d)| View::new(a.tensor.shape, d)).collect();
+    let (value, gradients) = if backend == Backend::Interp {
+        // The reference keeps float64 inputs exact.
+        let tensors: Vec<&Tensor> = arrays.iter().map(|a| &a.tensor).collect();
+        if wanted.is_empty() {
+            (loss.eval(&tensors)?, vec![])
         } else {
-            let mut buffers: Vec<Vec<f32>> = arrays
-                .iter()
-                .enumerate()
-                .map(|(i, a)| if outputs.iter().any(|(j, ..)| *j == i) { vec![0.0; a.tensor.len()] } else { vec![] })
-                .collect();
-            let mut slots: Vec<Option<&mut [f32]>> =
-                buffers.iter_mut().map(|b| if b.is_empty() { None } else { Some(b.as_mut_slice()) }).collect();
-            if outputs.is_empty() {
-                slots.clear();
-            }
-            let value = loss.evaluate(&views, &mut slots)?;
-            let tensors = arrays
-                .iter()
-                .zip(&buffers)
-                .map(|(a, b)| {
-                    if b.is_empty() {
-                        Tensor::filled(a.tensor.shape, 0.0)
-                    } else {
-                        Tensor::new(a.tensor.shape, b.iter().map(|&v| f64::from(v)).collect())
-                    }
-                })
-                .collect();
-            (value, tensors)
-        };
-        for (i, file, out) in outputs {
-            npy::write(out, &gradients[i], &arrays[i])
-                .map_err(|e| Failure(format!("error: cannot write {file}: {e}\n")))?;
+            loss.eval_grad(&tensors)?
         }
-        Ok(value)
+    } else {
+        let mut buffers: Vec<Vec<f32>> = arrays
+            .iter()
+            .enumerate()
+            .map(|(i, a)| if wanted.iter().any(|(j, _)| *j == i) { vec![0.0; a.tensor.len()] } else { vec![] })
+            .collect();
+        let mut slots: Vec<Option<&mut [f32]>> =
+            buffers.iter_mut().map(|b| if b.is_empty() { None } else { Some(b.as_mut_slice()) }).collect();
+        if wanted.is_empty() {
+            slots.clear();
+        }
+        let value = loss.evaluate(&views, &mut slots)?;
+        let tensors = arrays
+            .iter()
+            .zip(&buffers)
+            .map(|(a, b)| {
+                if b.is_empty() {
+                    Tensor::filled(a.tensor.shape, 0.0)
+                } else {
+                    Tensor::new(a.tensor.shape, b.iter().map(|&v| f64::from(v)).collect())
+                }
+            })
+            .collect();
+        (value, tensors)
     };
-    match run() {
-        Ok(value) => {
-            println!("{value:?}");
-            Ok(())
-        }
-        Err(e) => {
-            // No half-written results: the files created above go.
-            for path in &paths {
-                let _ = std::fs::remove_file(path);
-            }
-            Err(e)
-        }
-    }
+    outputs
+        .commit(|out, file| npy::write(file, &gradients[out.input], &arrays[out.input]))
+        .map_err(|e| Failure(format!("error: {e}\n")))?;
+    println!("{value:?}");
+    Ok(())
 }
 
 /// The stdlib definitions that are losses (reduce to a scalar), and the helpers that are not.
