@@ -216,65 +216,42 @@ fn eval_refuses_damaged_files_and_risky_requests() {
     let values: Vec<f64> = (0..12).map(|_| rng.uniform()).collect();
     write_npy_f32(&p, &[1, 3, 4], &values);
     write_npy_f32(&y, &[1, 3, 4], &values.iter().map(|v| (v * 2.0).floor()).collect::<Vec<_>>());
-    let arg = |k: &str, f: &Path| format!("{k}={}", f.display());
+    // `lossc eval dice` with these arguments: ("--input" or "--grad", name, file).
+    let eval = |args: &[(&str, &str, &Path)]| {
+        let mut all = vec!["eval".to_string(), "dice".to_string()];
+        for (flag, name, file) in args {
+            all.extend([flag.to_string(), format!("{name}={}", file.display())]);
+        }
+        lossc(&all.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let (i, g) = ("--input", "--grad");
     let bytes = std::fs::read(&p).expect("read");
     let (longer, shorter) = (dir.join("longer.npy"), dir.join("shorter.npy"));
     std::fs::write(&longer, [bytes.as_slice(), &[0u8; 8]].concat()).expect("write");
     std::fs::write(&shorter, &bytes[..bytes.len() - 6]).expect("write");
-    let o = lossc(&["eval", "dice", "--input", &arg("p", &longer), "--input", &arg("y", &y)]);
+    let o = eval(&[(i, "p", &longer), (i, "y", &y)]);
     assert!(stderr(&o).contains("8 bytes follow the data"), "{}", stderr(&o));
-    let o = lossc(&["eval", "dice", "--input", &arg("p", &shorter), "--input", &arg("y", &y)]);
+    let o = eval(&[(i, "p", &shorter), (i, "y", &y)]);
     assert!(stderr(&o).contains("truncated") && stderr(&o).contains("48 bytes"), "{}", stderr(&o));
-    let o = lossc(&["eval", "dice", "--input", &arg("p", &p), "--input", &arg("p", &y), "--input", &arg("y", &y)]);
+    let o = eval(&[(i, "p", &p), (i, "p", &y), (i, "y", &y)]);
     assert!(stderr(&o).contains("--input p is given twice"), "{}", stderr(&o));
-    let o = lossc(&["eval", "dice", "--input", &arg("p", &p), "--input", &arg("y", &y), "--grad", &arg("p", &p)]);
+    let o = eval(&[(i, "p", &p), (i, "y", &y), (g, "p", &p)]);
     assert!(stderr(&o).contains("would overwrite a file this run reads"), "{}", stderr(&o));
     assert_eq!(std::fs::read(&p).expect("read"), bytes, "the input is intact");
-    let o = lossc(&["eval", "dice", "--input", &arg("p", &p), "--input", &arg("y", &y), "--grad", &arg("p", &longer)]);
+    let o = eval(&[(i, "p", &p), (i, "y", &y), (g, "p", &longer)]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let o = lossc(&[
-        "eval",
-        "dice",
-        "--input",
-        &arg("p", &p),
-        "--input",
-        &arg("y", &y),
-        "--grad",
-        &arg("p", &longer),
-        "--grad",
-        &arg("y", &longer),
-    ]);
+    let o = eval(&[(i, "p", &p), (i, "y", &y), (g, "p", &longer), (g, "y", &longer)]);
     assert!(stderr(&o).contains("two gradients would be written to"), "{}", stderr(&o));
     // A run that fails leaves an existing file as it was (and no temporary files).
     let before = std::fs::read(&longer).expect("read");
     let misshapen = dir.join("misshapen.npy");
     write_npy_f32(&misshapen, &[1, 1, 3], &values[..3]);
-    let o = lossc(&[
-        "eval",
-        "dice",
-        "--input",
-        &arg("p", &p),
-        "--input",
-        &arg("y", &misshapen),
-        "--grad",
-        &arg("p", &longer),
-    ]);
+    let o = eval(&[(i, "p", &p), (i, "y", &misshapen), (g, "p", &longer)]);
     assert!(stderr(&o).contains("broadcast"), "{}", stderr(&o));
     assert_eq!(std::fs::read(&longer).expect("read"), before, "an old gradient file survives a failed run");
     let dp = dir.join("dp.npy");
     let _ = std::fs::remove_file(&dp);
-    let o = lossc(&[
-        "eval",
-        "dice",
-        "--input",
-        &arg("p", &p),
-        "--input",
-        &arg("y", &y),
-        "--grad",
-        &arg("p", &dp),
-        "--grad",
-        "y=/nonexistent/dy.npy",
-    ]);
+    let o = eval(&[(i, "p", &p), (i, "y", &y), (g, "p", &dp), (g, "y", Path::new("/nonexistent/dy.npy"))]);
     assert!(stderr(&o).contains("cannot write /nonexistent/dy.npy"), "{}", stderr(&o));
     assert!(!dp.exists(), "no gradient written when another cannot be");
     let leftovers: Vec<_> = std::fs::read_dir(&dir)
@@ -283,7 +260,16 @@ fn eval_refuses_damaged_files_and_risky_requests() {
         .filter(|e| e.file_name().to_string_lossy().contains(".lossc-"))
         .collect();
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
-    let o = lossc(&["eval", "dice", "--input", &arg("p", &p), "--input", &arg("y", &y), "--threads", "100000"]);
+    let o = lossc(&[
+        "eval",
+        "dice",
+        "--input",
+        &format!("p={}", p.display()),
+        "--input",
+        &format!("y={}", y.display()),
+        "--threads",
+        "100000",
+    ]);
     assert!(stderr(&o).contains("--threads must be between 1 and"), "{}", stderr(&o));
 }
 
