@@ -219,6 +219,34 @@ fn log_one_minus_sigmoid(g: &mut Graph, op: Op, args: &[NodeId]) -> Option<NodeI
     g.try_add(Op::Neg, &[sp]).ok()
 }
 
+/// `c - clamp(x, lo, hi)` with the bounds' differences folded in f64:
+/// `1 - clamp(p, eps, 1 - eps)` (the log(1 - p) of a clamped BCE) then stops at eps
+/// itself. Evaluated literally in f32, 1 - eps rounds to 1 - 1.19e-7 and the subtraction
+/// gives 1.19e-7, not 1e-7: -log of it is 1% off at p = 1. The branches test x itself, as
+/// the clamp does, so the gradient is the clamp's: -1 for lo <= x <= hi, else 0 (a
+/// `min`/`max` of c - x against the folded bounds would tie where c - x rounds onto one,
+/// and pass a gradient there). Only for lo <= hi: otherwise the clamp is hi everywhere.
+fn sub_clamp(g: &mut Graph, op: Op, args: &[NodeId]) -> Option<NodeId> {
+    if op != Op::Sub || g.constant_value(args[0]).is_none() {
+        return None;
+    }
+    // clamp(x, lo, hi) is built as min(max(x, lo), hi).
+    let (Op::Min, outer) = op_of(g, args[1]) else { return None };
+    let (Op::Max, inner) = op_of(g, outer[0]) else { return None };
+    let (c, x, lo, hi) = (args[0], inner[0], inner[1], outer[1]);
+    let (Some(l), Some(h)) = (g.constant_value(lo), g.constant_value(hi)) else { return None };
+    if !(l <= h) {
+        return None;
+    }
+    let below = g.try_add(Op::Lt, &[x, lo]).ok()?;
+    let above = g.try_add(Op::Gt, &[x, hi]).ok()?;
+    let at_lo = g.try_add(Op::Sub, &[c, lo]).ok()?;
+    let at_hi = g.try_add(Op::Sub, &[c, hi]).ok()?;
+    let inside = g.try_add(Op::Sub, &[c, x]).ok()?;
+    let upper = g.try_add(Op::Select, &[above, at_hi, inside]).ok()?;
+    g.try_add(Op::Select, &[below, at_lo, upper]).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::{print_graph, AxisSet};
@@ -344,32 +372,4 @@ mod tests {
             "  e = 0 * x\n"
         );
     }
-}
-
-/// `c - clamp(x, lo, hi)` with the bounds' differences folded in f64:
-/// `1 - clamp(p, eps, 1 - eps)` (the log(1 - p) of a clamped BCE) then stops at eps
-/// itself. Evaluated literally in f32, 1 - eps rounds to 1 - 1.19e-7 and the subtraction
-/// gives 1.19e-7, not 1e-7: -log of it is 1% off at p = 1. The branches test x itself, as
-/// the clamp does, so the gradient is the clamp's: -1 for lo <= x <= hi, else 0 (a
-/// `min`/`max` of c - x against the folded bounds would tie where c - x rounds onto one,
-/// and pass a gradient there). Only for lo <= hi: otherwise the clamp is hi everywhere.
-fn sub_clamp(g: &mut Graph, op: Op, args: &[NodeId]) -> Option<NodeId> {
-    if op != Op::Sub || g.constant_value(args[0]).is_none() {
-        return None;
-    }
-    // clamp(x, lo, hi) is built as min(max(x, lo), hi).
-    let (Op::Min, outer) = op_of(g, args[1]) else { return None };
-    let (Op::Max, inner) = op_of(g, outer[0]) else { return None };
-    let (c, x, lo, hi) = (args[0], inner[0], inner[1], outer[1]);
-    let (Some(l), Some(h)) = (g.constant_value(lo), g.constant_value(hi)) else { return None };
-    if !(l <= h) {
-        return None;
-    }
-    let below = g.try_add(Op::Lt, &[x, lo]).ok()?;
-    let above = g.try_add(Op::Gt, &[x, hi]).ok()?;
-    let at_lo = g.try_add(Op::Sub, &[c, lo]).ok()?;
-    let at_hi = g.try_add(Op::Sub, &[c, hi]).ok()?;
-    let inside = g.try_add(Op::Sub, &[c, x]).ok()?;
-    let upper = g.try_add(Op::Select, &[above, at_hi, inside]).ok()?;
-    g.try_add(Op::Select, &[below, at_lo, upper]).ok()
 }
