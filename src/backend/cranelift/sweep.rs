@@ -998,18 +998,40 @@ fn nan_aware(
 
 /// Whether a value is known to be NaN or a positive normal finite float32, so that its
 /// log needs no denormal or special-value paths: bounds propagated through constants,
-/// min, max, + and - (clamped probabilities and one minus them).
+/// min, max, + and -, and `where` on a comparison with a constant (clamped probabilities,
+/// one minus them, and the `sub_clamp` rule's form of that).
 fn positive_normal(g: &Graph, id: NodeId) -> bool {
-    fn range(g: &Graph, id: NodeId) -> (f64, f64) {
+    /// The range of `id`, given `known` ranges of some nodes (from the branches of a
+    /// `where` on a comparison with a constant: a NaN takes the else branch, which is fine,
+    /// NaN being allowed).
+    fn range(g: &Graph, id: NodeId, known: &[(NodeId, f64, f64)]) -> (f64, f64) {
         let n = g.node(id);
         let all = (f64::NEG_INFINITY, f64::INFINITY);
         if let Some(c) = g.constant_value(id) {
             return (c, c);
         }
+        if let Some(&(_, lo, hi)) = known.iter().rfind(|(k, ..)| *k == id) {
+            return (lo, hi);
+        }
+        if n.op == Op::Select {
+            // where(x < k, a, b): b sees x >= k; where(x > k, a, b): b sees x <= k.
+            let cond = g.node(n.args[0]);
+            let mut inner = known.to_vec();
+            if let (Some(x), Some(k)) = (cond.args.first(), cond.args.get(1).and_then(|&k| g.constant_value(k))) {
+                let (lo, hi) = range(g, *x, known);
+                match cond.op {
+                    Op::Lt => inner.push((*x, lo.max(k), hi)),
+                    Op::Gt => inner.push((*x, lo, hi.min(k))),
+                    _ => {}
+                }
+            }
+            let ((la, ha), (lb, hb)) = (range(g, n.args[1], known), range(g, n.args[2], &inner));
+            return (la.min(lb), ha.max(hb));
+        }
         if n.args.len() != 2 {
             return all;
         }
-        let ((la, ha), (lb, hb)) = (range(g, n.args[0]), range(g, n.args[1]));
+        let ((la, ha), (lb, hb)) = (range(g, n.args[0], known), range(g, n.args[1], known));
         match n.op {
             Op::Max => (la.max(lb), ha.max(hb)),
             Op::Min => (la.min(lb), ha.min(hb)),
@@ -1018,7 +1040,7 @@ fn positive_normal(g: &Graph, id: NodeId) -> bool {
             _ => all,
         }
     }
-    let (lo, hi) = range(g, id);
+    let (lo, hi) = range(g, id, &[]);
     // Margins for float32 rounding of the bounds: far inside the normal range.
     lo >= 1e-30 && hi <= 1e30
 }
