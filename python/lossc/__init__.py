@@ -1,0 +1,318 @@
+"""lossc: loss functions written as text, compiled into fused native kernels.
+
+    >>> import numpy as np, lossc
+    >>> loss = lossc.Loss("0.5*dice(sigmoid(x), y) + bce_logits(x, y)")
+    >>> x = np.random.randn(4, 1, 64, 64).astype(np.float32)
+    >>> y = (np.random.rand(4, 1, 64, 64) > 0.5).astype(np.float32)
+    >>> value, (dx, dy) = loss.value_and_grad(x, y)
+
+This module is the NumPy layer over liblossc's C ABI (include/lossc.h): the same
+kernels, the same error messages. `lossc.torch`, `lossc.jax` and `lossc.keras` make a
+`Loss` differentiable in those frameworks.
+
+Arrays follow the `lossc eval` convention for `.npy` files: an array of shape
+`[N, C, *spatial]` is `batch = N`, `class = C`, `spatial = prod(spatial)`; `[N, C]` has
+one position; a 0-d or 1-d array of n values is `[1, 1, n]`. An extent of 1 broadcasts,
+so class weights for `[N, C, H, W]` inputs are given as shape `[1, C]` (or `[1, C, 1]`).
+"""
+
+import ctypes
+import os
+
+import numpy as np
+
+from ._capi import Shape, lib
+
+__all__ = [
+    "Loss",
+    "LosscError",
+    "ParseError",
+    "CheckError",
+    "ParamsError",
+    "ShapeError",
+    "InvalidArgumentError",
+    "BackendError",
+    "InternalError",
+    "NoDeviceError",
+    "DeviceError",
+    "stdlib",
+    "layout",
+]
+
+__version__ = lib.lossc_version().decode()
+
+
+class LosscError(Exception):
+    """A failed lossc call: `status` is the C ABI's `lossc_status` value."""
+
+    status = None
+
+
+class ParseError(LosscError, ValueError):
+    """The source does not parse; the message has `line:col` and the underlined text."""
+
+    status = 1
+
+
+class CheckError(LosscError, ValueError):
+    """The source parses but is wrong: an unknown name, a bad argument, mismatched axes."""
+
+    status = 2
+
+
+class ParamsError(LosscError, ValueError):
+    """A hyperparameter the loss does not have, or a value that is not a finite number."""
+
+    status = 3
+
+
+class ShapeError(LosscError, ValueError):
+    """Inputs of the wrong number or shape, or a broadcast too large for memory."""
+
+    status = 4
+
+
+class InvalidArgumentError(LosscError, ValueError):
+    """An argument outside its domain."""
+
+    status = 6
+
+
+class BackendError(LosscError):
+    """The evaluator cannot run this loss on these inputs."""
+
+    status = 7
+
+
+class InternalError(LosscError):
+    """A bug in lossc; please report the message."""
+
+    status = 8
+
+
+class NoDeviceError(LosscError):
+    """The GPU path cannot run here: no CUDA driver, or no device."""
+
+    status = 9
+
+
+class DeviceError(LosscError):
+    """A CUDA driver call failed."""
+
+    status = 10
+
+
+_ERRORS = {cls.status: cls for cls in LosscError.__subclasses__()}
+
+
+def _check(status):
+    if status != 0:
+        message = lib.lossc_last_error()
+        name = lib.lossc_status_name(status)
+        text = message.decode().strip() if message else (name.decode() if name else f"status {status}")
+        text = text[len("error: ") :] if text.startswith("error: ") else text
+        error = _ERRORS.get(status, LosscError)(text)
+        error.status = status
+        raise error
+
+
+def _take_string(call, *args):
+    """Calls a function that returns an owned string through `char **`, and frees it."""
+    out = ctypes.c_void_p()
+    _check(call(*args, ctypes.byref(out)))
+    try:
+        return ctypes.string_at(out.value).decode()
+    finally:
+        lib.lossc_string_free(out)
+
+
+def layout(shape):
+    """The `(batch, class, spatial)` extents lossc sees for an array of this shape."""
+    shape = tuple(int(d) for d in shape)
+    if len(shape) <= 1:
+        return (1, 1, shape[0] if shape else 1)
+    if len(shape) == 2:
+        return (shape[0], shape[1], 1)
+    return (shape[0], shape[1], int(np.prod(shape[2:], dtype=np.int64)))
+
+
+def stdlib():
+    """The standard library: {name: signature}, e.g. {"dice": "dice(p, y; smooth = 1)", ...}."""
+    count = lib.lossc_stdlib_count()
+    return {lib.lossc_stdlib_name(i).decode(): lib.lossc_stdlib_signature(i).decode() for i in range(count)}
+
+
+def _params_text(params):
+    items = []
+    for name, value in params.items():
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ParamsError(f"hyperparameter `{name}` must be a number, got {value!r}") from None
+        items.append(f"{name}={number!r}")
+    return ",".join(items)
+
+
+class Loss:
+    """A compiled loss: a stdlib name (`"dice"`), an expression
+    (`"0.7*tversky(sigmoid(x), y, alpha=0.3, beta=0.7) + 0.3*bce_logits(x, y)"`) or loss
+    definitions, with hyperparameter overrides as keyword arguments
+    (`Loss("tversky", alpha=0.3, beta=0.7)`). Pass a `pathlib.Path` to read a `.loss` file.
+
+    Compile once, evaluate many times; a `Loss` may be used from many threads at once
+    (the evaluation releases the GIL). The native kernels compute in float32 with f64
+    accumulation; `reference=True` evaluates in float64 with the exact, slow reference
+    evaluator instead (inputs and gradients as float64).
+    """
+
+    def __init__(self, source, **params):
+        if isinstance(source, os.PathLike):
+            with open(source, encoding="utf-8") as f:
+                source = f.read()
+        if not isinstance(source, str):
+            raise TypeError(f"a loss source is a str (or a path), not {type(source).__name__}")
+        self._source = source
+        self._params = dict(params)
+        handle = ctypes.c_void_p()
+        _check(lib.lossc_compile(source.encode(), _params_text(params).encode(), ctypes.byref(handle)))
+        self._handle = handle
+        self.name = lib.lossc_loss_name(handle).decode()
+        self.inputs = tuple(lib.lossc_input_name(handle, i).decode() for i in range(lib.lossc_num_inputs(handle)))
+
+    def __del__(self):
+        handle = getattr(self, "_handle", None)
+        if handle is not None and handle.value and lib is not None:
+            lib.lossc_free(handle)
+            self._handle = None
+
+    def __reduce__(self):
+        # A loss is rebuilt from its text: torch.save, multiprocessing and copy work.
+        return (_rebuild, (self._source, self._params))
+
+    def __repr__(self):
+        params = "".join(f", {k}={v!r}" for k, v in self._params.items())
+        return f"lossc.Loss({self._source!r}{params})  # {self.name}({', '.join(self.inputs)})"
+
+    def show(self):
+        """The canonical printed form of the loss (stable text, for snapshot tests)."""
+        return _take_string(lib.lossc_show, self._handle)
+
+    def show_grad(self):
+        """The canonical printed form of the loss and its gradients."""
+        return _take_string(lib.lossc_show_grad, self._handle)
+
+    @property
+    def terms(self):
+        """The terms of the loss's top-level sum, each as the text of a loss of its own."""
+        return tuple(lib.lossc_term_text(self._handle, i).decode() for i in range(lib.lossc_num_terms(self._handle)))
+
+    def __call__(self, *arrays, reference=False):
+        """The loss's value (a Python float) on these arrays."""
+        value, _ = self._evaluate(arrays, (), None, reference)
+        return value
+
+    def value_and_grad(self, *arrays, wrt=None, out=None, reference=False):
+        """The value and gradients: `(value, grads)`.
+
+        `wrt` names the inputs to differentiate, by name or position (default: all);
+        `grads` holds one array per entry of `wrt`, shaped like its input. `out` may give
+        the arrays to write them into (float32, or float64 with `reference=True`;
+        C-contiguous, of the input's size), to save allocating them on every call.
+        Gradients come back in float32 (float64 with `reference=True`); cast them as
+        you need.
+        """
+        wanted = self._positions(wrt)
+        if out is not None and len(out) != len(wanted):
+            raise ValueError(f"`out` holds {len(out)} arrays for {len(wanted)} gradients")
+        return self._evaluate(arrays, wanted, out, reference)
+
+    def count_nonfinite(self, *arrays):
+        """The number of NaN and infinite values in each input: {name: count}."""
+        inputs, shapes, pointers = self._marshal(arrays, np.float32)
+        counts = (ctypes.c_uint64 * len(inputs))()
+        _check(lib.lossc_count_nonfinite(self._handle, pointers, shapes, len(inputs), counts))
+        return dict(zip(self.inputs, (int(c) for c in counts)))
+
+    def eval_terms(self, *arrays):
+        """The value of each term of the top-level sum, and the total: `(total, terms)`."""
+        inputs, shapes, pointers = self._marshal(arrays, np.float32)
+        n_terms = lib.lossc_num_terms(self._handle)
+        terms = (ctypes.c_double * n_terms)()
+        total = ctypes.c_double()
+        _check(lib.lossc_eval_terms(self._handle, pointers, shapes, len(inputs), terms, n_terms, ctypes.byref(total)))
+        return total.value, tuple(terms)
+
+    def _positions(self, wrt):
+        if wrt is None:
+            return tuple(range(len(self.inputs)))
+        if isinstance(wrt, (str, int)):
+            raise TypeError("`wrt` is a sequence of input names or positions, e.g. wrt=['x']")
+        positions = []
+        for item in wrt:
+            if isinstance(item, str):
+                if item not in self.inputs:
+                    raise ValueError(f"`{item}` is not an input of {self.name}({', '.join(self.inputs)})")
+                positions.append(self.inputs.index(item))
+            elif isinstance(item, (int, np.integer)) and 0 <= item < len(self.inputs):
+                positions.append(int(item))
+            else:
+                raise ValueError(f"{item!r} names no input of {self.name}({', '.join(self.inputs)})")
+        if len(set(positions)) != len(positions):
+            raise ValueError(f"`wrt` names an input twice: {list(wrt)}")
+        return tuple(positions)
+
+    def _marshal(self, arrays, dtype):
+        """Contiguous arrays of `dtype`, their shapes and a C array of their pointers."""
+        inputs = []
+        for name, a in zip(self.inputs + tuple(f"#{i}" for i in range(len(arrays))), arrays):
+            a = np.asarray(a)
+            if not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
+                raise TypeError(f"input `{name}` has dtype {a.dtype}; lossc takes numbers")
+            inputs.append(np.ascontiguousarray(a, dtype=dtype))
+        shapes = (Shape * max(len(inputs), 1))(*(Shape(*layout(a.shape)) for a in inputs))
+        ptr_type = ctypes.POINTER(ctypes.c_float if dtype == np.float32 else ctypes.c_double)
+        pointers = (ptr_type * max(len(inputs), 1))(*(a.ctypes.data_as(ptr_type) for a in inputs))
+        return inputs, shapes, pointers
+
+    def _evaluate(self, arrays, wanted, out, reference):
+        dtype = np.float64 if reference else np.float32
+        inputs, shapes, pointers = self._marshal(arrays, dtype)
+        ptr_type = ctypes.POINTER(ctypes.c_float if dtype == np.float32 else ctypes.c_double)
+        grads = [None] * len(inputs)
+        for k, i in enumerate(wanted):
+            if i >= len(inputs):
+                break  # lossc reports the missing input
+            grads[i] = self._gradient_buffer(inputs, i, None if out is None else out[k], dtype, grads)
+        slots = None
+        if wanted:
+            slots = (ptr_type * max(len(inputs), 1))(
+                *(g.ctypes.data_as(ptr_type) if g is not None else ptr_type() for g in grads)
+            )
+        value = ctypes.c_double()
+        call = lib.lossc_eval_f64 if reference else lib.lossc_eval
+        _check(call(self._handle, pointers, shapes, len(inputs), ctypes.byref(value), slots))
+        return value.value, tuple(grads[i] for i in wanted)
+
+    def _gradient_buffer(self, inputs, i, given, dtype, taken):
+        like = inputs[i]
+        if given is None:
+            return np.empty(like.shape, dtype=dtype)
+        if not isinstance(given, np.ndarray):
+            raise TypeError(f"`out` for `{self.inputs[i]}` is a {type(given).__name__}, not a numpy array")
+        if given.dtype != dtype or not given.flags.c_contiguous or not given.flags.writeable:
+            raise ValueError(
+                f"`out` for `{self.inputs[i]}` must be a writable C-contiguous {np.dtype(dtype).name} array, "
+                f"got {given.dtype}{'' if given.flags.c_contiguous else ', not contiguous'}"
+                f"{'' if given.flags.writeable else ', read-only'}"
+            )
+        if given.size != like.size:
+            raise ValueError(f"`out` for `{self.inputs[i]}` holds {given.size} values; the input has {like.size}")
+        if any(np.may_share_memory(given, a) for a in inputs):
+            raise ValueError(f"`out` for `{self.inputs[i]}` overlaps an input")
+        if any(g is not None and np.may_share_memory(given, g) for g in taken):
+            raise ValueError(f"`out` for `{self.inputs[i]}` overlaps another gradient's")
+        return given
+
+
+def _rebuild(source, params):
+    return Loss(source, **params)

@@ -1,0 +1,79 @@
+"""JAX: a lossc loss as a differentiable function that works under `jax.jit`.
+
+    import jax, lossc.jax
+    loss_fn = lossc.jax.function("0.5*dice(sigmoid(x), y) + bce_logits(x, y)")
+    value, grad = jax.value_and_grad(loss_fn)(logits, masks)
+
+Arrays are laid out as for `lossc.Loss` (`[N, C, *spatial]`). The loss runs on the CPU
+through `jax.pure_callback`: under `jax.grad`, one call computes the value and the
+gradients of exactly the inputs being differentiated (lossc's fused sweeps), and the
+backward pass only scales them. The value is float32 (float64 for `reference=True`
+with `jax_enable_x64`); gradients come in each input's dtype. `jax.vmap` evaluates the
+loss once per mapped element. Higher-order derivatives are not available (the
+gradients are computed, not traced).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import lossc as _lossc
+
+__all__ = ["function"]
+
+
+def function(source, reference=False, **params):
+    """A JAX function of the loss's inputs (in their declared order) giving its value.
+
+    `source` is a stdlib name, an expression or loss definitions (or a `lossc.Loss`);
+    keyword arguments override hyperparameters. `reference=True` evaluates with lossc's
+    float64 reference evaluator (exact and slow).
+    """
+    loss = source if isinstance(source, _lossc.Loss) else _lossc.Loss(source, **params)
+    count = len(loss.inputs)
+
+    def out_dtype():
+        return jnp.float64 if reference and jax.config.jax_enable_x64 else jnp.float32
+
+    def check(args):
+        if len(args) != count:
+            raise TypeError(
+                f"{loss.name} takes {count} inputs ({', '.join(loss.inputs)}), but {len(args)} were given"
+            )
+
+    def value_only(*arrays):
+        return np.asarray(loss(*arrays, reference=reference), dtype=out_dtype())
+
+    @jax.custom_vjp
+    def apply(*args):
+        check(args)
+        result = jax.ShapeDtypeStruct((), out_dtype())
+        return jax.pure_callback(value_only, result, *args, vmap_method="sequential")
+
+    def forward(*primals):
+        args = [p.value for p in primals]
+        check(args)
+        wanted = tuple(i for i, p in enumerate(primals) if p.perturbed)
+        dtypes = [jnp.result_type(a) for a in args]
+
+        def value_and_grad(*arrays):
+            value, grads = loss.value_and_grad(*arrays, wrt=wanted, reference=reference)
+            return (
+                np.asarray(value, dtype=out_dtype()),
+                tuple(g.reshape(np.shape(arrays[i])).astype(dtypes[i]) for i, g in zip(wanted, grads)),
+            )
+
+        shapes = (
+            jax.ShapeDtypeStruct((), out_dtype()),
+            tuple(jax.ShapeDtypeStruct(jnp.shape(args[i]), dtypes[i]) for i in wanted),
+        )
+        value, grads = jax.pure_callback(value_and_grad, shapes, *args, vmap_method="sequential")
+        by_input = dict(zip(wanted, grads))
+        return value, tuple(by_input.get(i) for i in range(count))
+
+    def backward(grads, cotangent):
+        return tuple(None if g is None else g * cotangent.astype(g.dtype) for g in grads)
+
+    apply.defvjp(forward, backward, symbolic_zeros=True)
+    apply.loss = loss
+    return apply

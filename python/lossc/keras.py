@@ -1,0 +1,72 @@
+"""Keras 3: a lossc loss for `model.compile(loss=...)`, on the JAX or PyTorch backend.
+
+    import lossc.keras
+    model.compile(optimizer="adam", loss=lossc.keras.Loss("0.5*dice(sigmoid(x), y) + bce_logits(x, y)"))
+
+The loss must take two inputs, the prediction first and the target second, as every
+stdlib loss and an expression such as the one above do (Keras passes `y_true, y_pred`;
+this class swaps them). Keras images are channels-last (`[N, H, W, C]`): the class axis
+is moved to position 1 before lossc sees them, following
+`keras.config.image_data_format()` unless `channels_last` is given. The loss is already
+a scalar over the whole batch, so `sample_weight` is refused: give a mask or weights as
+an input of the loss instead (e.g. `mean(bce_logits_elements(x, y), mask = m)`).
+"""
+
+import keras
+
+import lossc as _lossc
+
+__all__ = ["Loss"]
+
+_BACKENDS = ("jax", "torch")
+
+
+class Loss(keras.losses.Loss):
+    """`Loss(source, **params)`: a stdlib name, an expression or loss definitions, with
+    hyperparameter overrides, e.g. `Loss("tversky", alpha=0.3, beta=0.7)`."""
+
+    def __init__(self, source, channels_last=None, name=None, reduction="sum_over_batch_size", dtype=None, **params):
+        self.lossc_loss = source if isinstance(source, _lossc.Loss) else _lossc.Loss(source, **params)
+        inputs = self.lossc_loss.inputs
+        if len(inputs) != 2:
+            raise ValueError(
+                f"a Keras loss takes (prediction, target), but {self.lossc_loss.name} takes "
+                f"{len(inputs)} inputs ({', '.join(inputs)})"
+            )
+        backend = keras.backend.backend()
+        if backend not in _BACKENDS:
+            raise ValueError(f"lossc.keras runs on the {' and '.join(_BACKENDS)} backends, not on {backend}")
+        super().__init__(name=name or f"lossc_{self.lossc_loss.name}", reduction=reduction, dtype=dtype)
+        self._source, self._params = source, params
+        self.channels_last = channels_last
+        if backend == "jax":
+            import lossc.jax
+
+            self._apply = lossc.jax.function(self.lossc_loss)
+        else:
+            import lossc.torch
+
+            self._apply = lambda *tensors: lossc.torch.evaluate(self.lossc_loss, *tensors)
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        if sample_weight is not None:
+            raise ValueError(
+                f"{self.name} is a loss over the whole batch; sample_weight would only rescale it. "
+                "Give weights or a mask as an input of the loss instead."
+            )
+        return super().__call__(y_true, y_pred)
+
+    def call(self, y_true, y_pred):
+        channels_last = self.channels_last
+        if channels_last is None:
+            channels_last = keras.config.image_data_format() == "channels_last"
+        if channels_last and len(y_pred.shape) >= 3:
+            y_pred = keras.ops.moveaxis(y_pred, -1, 1)
+            y_true = keras.ops.moveaxis(y_true, -1, 1)
+        return self._apply(y_pred, y_true)
+
+    def get_config(self):
+        config = super().get_config()
+        source = self._source if isinstance(self._source, str) else self.lossc_loss._source
+        config.update({"source": source, "channels_last": self.channels_last, **self._params})
+        return config

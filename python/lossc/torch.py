@@ -1,0 +1,124 @@
+"""PyTorch: a lossc loss as an `nn.Module` with exact gradients.
+
+    import lossc.torch
+    criterion = lossc.torch.Loss("0.5*dice(sigmoid(x), y) + bce_logits(x, y)")
+    loss = criterion(logits, masks)      # a 0-d tensor; inputs in the loss's input order
+    loss.backward()
+
+Tensors are laid out as for `lossc.Loss`: `[N, C, *spatial]` (PyTorch's NCHW). The
+forward pass computes the value and, for every input that requires a gradient, that
+gradient, in one call (lossc's fused sweeps); the backward pass only scales them. CPU
+tensors are handed to the kernels without a copy when they are contiguous float32.
+CUDA tensors run through `lossc_eval_cuda` (PTX kernels, on PyTorch's current stream):
+that path has not yet run on a GPU. The result is float32 (float64 if an input is
+float64); half-precision inputs are evaluated in float32 and get gradients of their own
+dtype. A second derivative is refused (the gradients are computed, not traced).
+"""
+
+import ctypes
+
+import numpy as np
+import torch
+from torch.autograd.function import once_differentiable
+
+import lossc as _lossc
+from lossc._capi import Shape, lib
+
+__all__ = ["Loss", "evaluate"]
+
+
+def evaluate(loss, *tensors, reference=False):
+    """The loss (a `lossc.Loss`) on tensors, as a 0-d tensor that autograd can differentiate."""
+    if not isinstance(loss, _lossc.Loss):
+        raise TypeError(f"`loss` is a lossc.Loss, not {type(loss).__name__}")
+    tensors = tuple(t if isinstance(t, torch.Tensor) else torch.as_tensor(np.asarray(t)) for t in tensors)
+    return _Evaluate.apply(loss, reference, *tensors)
+
+
+class Loss(torch.nn.Module):
+    """A compiled lossc loss as a module: `Loss("tversky", alpha=0.3, beta=0.7)`.
+
+    `source` is a stdlib name, an expression or loss definitions (or a `lossc.Loss`);
+    keyword arguments override hyperparameters. `reference=True` evaluates with lossc's
+    float64 reference evaluator (exact and slow; CPU only), as for `torch.autograd.gradcheck`.
+    """
+
+    def __init__(self, source, reference=False, **params):
+        super().__init__()
+        self.loss = source if isinstance(source, _lossc.Loss) else _lossc.Loss(source, **params)
+        self.reference = reference
+
+    @property
+    def inputs(self):
+        return self.loss.inputs
+
+    def forward(self, *tensors):
+        return evaluate(self.loss, *tensors, reference=self.reference)
+
+    def extra_repr(self):
+        return repr(self.loss)
+
+
+def _result_dtype(tensors):
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+class _Evaluate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, loss, reference, *tensors):
+        wanted = tuple(i for i, needs in enumerate(ctx.needs_input_grad[2:]) if needs)
+        devices = {t.device for t in tensors}
+        if len(devices) > 1:
+            raise ValueError(f"the inputs of {loss.name} are on different devices: {sorted(map(str, devices))}")
+        device = next(iter(devices)) if devices else torch.device("cpu")
+        if device.type == "cuda":
+            if reference:
+                raise ValueError("reference=True evaluates on the CPU; move the inputs there")
+            value, grads = _evaluate_cuda(loss, tensors, wanted)
+        elif device.type == "cpu":
+            dtype = np.float64 if reference else np.float32
+            arrays = [_to_numpy(t, dtype) for t in tensors]
+            value, grads = loss.value_and_grad(*arrays, wrt=wanted, reference=reference)
+            grads = [torch.from_numpy(g) for g in grads]
+        else:
+            raise ValueError(f"lossc runs on CPU and CUDA tensors, not on {device.type}")
+        ctx.wanted = wanted
+        ctx.n_inputs = len(tensors)
+        saved = [g.to(dtype=tensors[i].dtype).reshape(tensors[i].shape) for i, g in zip(wanted, grads)]
+        ctx.save_for_backward(*saved)
+        return torch.tensor(value, dtype=_result_dtype(tensors), device=device)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        out = [None] * ctx.n_inputs
+        for i, g in zip(ctx.wanted, ctx.saved_tensors):
+            out[i] = g * grad_output.to(g.dtype)
+        return (None, None, *out)
+
+
+def _to_numpy(t, dtype):
+    t = t.detach()
+    if t.dtype.is_complex:
+        raise TypeError(f"lossc takes real numbers, not {t.dtype}")
+    if t.is_floating_point() or t.dtype == torch.bool:
+        t = t.to(torch.float64 if dtype == np.float64 else torch.float32)
+    return np.ascontiguousarray(t.numpy(), dtype=dtype)
+
+
+def _evaluate_cuda(loss, tensors, wanted):
+    """`lossc_eval_cuda` on device pointers, on PyTorch's current stream."""
+    inputs = [t.detach().to(torch.float32).contiguous() for t in tensors]
+    grads = [torch.empty_like(inputs[i]) for i in wanted]
+    n = len(inputs)
+    shapes = (Shape * max(n, 1))(*(Shape(*_lossc.layout(t.shape)) for t in inputs))
+    pointers = (ctypes.c_void_p * max(n, 1))(*(t.data_ptr() for t in inputs))
+    slots = None
+    if wanted:
+        by_input = dict(zip(wanted, grads))
+        slots = (ctypes.c_void_p * max(n, 1))(*(by_input[i].data_ptr() if i in by_input else None for i in range(n)))
+    stream = torch.cuda.current_stream(inputs[0].device).cuda_stream if inputs else None
+    value = ctypes.c_double()
+    with torch.cuda.device(inputs[0].device if inputs else None):
+        _lossc._check(lib.lossc_eval_cuda(loss._handle, pointers, shapes, n, ctypes.byref(value), slots, stream))
+    return value.value, grads

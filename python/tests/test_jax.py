@@ -1,0 +1,96 @@
+"""lossc.jax against losses written in jax.numpy (jax.grad for the gradients)."""
+
+import unittest
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import lossc
+import lossc.jax
+
+RNG = np.random.default_rng()
+
+
+def dice(p, y, smooth=1.0):
+    return 1 - (2 * (p * y).sum() + smooth) / (p.sum() + y.sum() + smooth)
+
+
+def combined(x, y):
+    return 0.5 * dice(jax.nn.sigmoid(x), y) + jnp.mean(jax.nn.softplus(x) - x * y)
+
+
+def tversky(p, y, alpha=0.3, beta=0.7, smooth=1.0):
+    tp, fp, fn = (p * y).sum(), (p * (1 - y)).sum(), ((1 - p) * y).sum()
+    return 1 - (tp + smooth) / (tp + alpha * fp + beta * fn + smooth)
+
+
+def inputs(shape):
+    x = RNG.normal(0, 2, shape).astype(np.float32)
+    y = (RNG.uniform(size=shape) < 0.4).astype(np.float32)
+    return jnp.asarray(x), jnp.asarray(y)
+
+
+class AgainstJax(unittest.TestCase):
+    def assert_close(self, value, expected, grads, expected_grads):
+        self.assertLess(abs(float(value) - float(expected)), 1e-5 * abs(float(expected)))
+        self.assert_grads_close(grads, expected_grads)
+
+    def assert_grads_close(self, grads, expected_grads):
+        for g, e in zip(grads, expected_grads):
+            self.assertEqual(g.shape, e.shape)
+            g, e = np.asarray(g, np.float64), np.asarray(e, np.float64)
+            self.assertLess(np.abs(g - e).max(), 1e-5 * np.abs(e).max())
+
+    def test_value_and_grad_under_jit(self):
+        f = lossc.jax.function("0.5*dice(sigmoid(x), y) + bce_logits(x, y)")
+        x, y = inputs((3, 1, 40, 37))
+        value, grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(x, y)
+        with jax.enable_x64(True):
+            expected, expected_grads = jax.value_and_grad(combined, argnums=(0, 1))(
+                x.astype(jnp.float64), y.astype(jnp.float64)
+            )
+        self.assertEqual(value.dtype, jnp.float32)
+        self.assert_close(value, expected, grads, expected_grads)
+
+    def test_hyperparameters_and_probabilities(self):
+        f = lossc.jax.function("tversky", alpha=0.3, beta=0.7)
+        x, y = inputs((2, 1, 20, 20))
+        p = jax.nn.sigmoid(x)
+        value, g = jax.value_and_grad(f)(p, y)
+        expected, expected_g = jax.value_and_grad(tversky)(p, y)
+        self.assert_close(value, expected, [g], [expected_g])
+
+    def test_integer_labels_and_the_chain_rule(self):
+        f = lossc.jax.function("bce_logits")
+        x, y = inputs((2, 1, 8, 8))
+        labels = y.astype(jnp.int32)
+        scale = jnp.float32(1.7)
+        g = jax.grad(lambda x: scale * f(x * 2, labels))(x)
+        expected = scale * 2 * (jax.nn.sigmoid(2 * x) - y) / y.size
+        self.assert_grads_close([g], [expected])
+
+    def test_vmap_evaluates_per_element(self):
+        f = lossc.jax.function("dice")
+        x, y = inputs((4, 1, 16, 16))
+        p = jax.nn.sigmoid(x)
+        values = jax.vmap(f)(p[:, None], y[:, None])
+        grads = jax.vmap(jax.grad(f))(p[:, None], y[:, None])
+        for i in range(4):
+            self.assertAlmostEqual(float(values[i]), float(dice(p[i], y[i])), places=5)
+            expected = jax.grad(dice)(p[i], y[i])
+            self.assertLess(float(jnp.abs(grads[i, 0] - expected).max()), 1e-5 * float(jnp.abs(expected).max()))
+
+    def test_errors(self):
+        f = lossc.jax.function("dice")
+        with self.assertRaisesRegex(TypeError, "takes 2 inputs"):
+            f(jnp.ones((1, 1, 4)))
+        with self.assertRaises(lossc.ParseError):
+            lossc.jax.function("dice(")
+        with self.assertRaises(Exception) as caught:
+            jax.block_until_ready(f(jnp.ones((2, 1, 4)), jnp.ones((3, 1, 4))))
+        self.assertIn("along batch", str(caught.exception))
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,71 @@
+"""lossc.keras in `model.fit`, on the JAX backend (and on PyTorch's, in a subprocess,
+since Keras picks its backend once per process)."""
+
+import os
+import subprocess
+import sys
+import unittest
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import lossc  # noqa: E402
+import lossc.keras  # noqa: E402
+
+SOURCE = "0.5*dice(sigmoid(x), y) + bce_logits(x, y)"
+
+
+def data(n=32, seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.normal(size=(n, 16, 16, 3)).astype("float32")
+    masks = (images[..., :1] + 0.5 * images[..., 1:2] > 0).astype("float32")
+    return images, masks
+
+
+class KerasLoss(unittest.TestCase):
+    def test_channels_last_batches_match_the_numpy_layer(self):
+        images, masks = data(4)
+        logits = images[..., :1] - 0.3 * images[..., 2:3]  # [N, H, W, 1]
+        value = float(lossc.keras.Loss(SOURCE)(masks, logits))
+        expected = lossc.Loss(SOURCE)(np.moveaxis(logits, -1, 1), np.moveaxis(masks, -1, 1))
+        self.assertAlmostEqual(value, expected, places=5)
+
+    def test_model_fit_lowers_the_loss(self):
+        keras.utils.set_random_seed(0)
+        images, masks = data()
+        model = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Conv2D(1, 1)])
+        model.compile(optimizer=keras.optimizers.Adam(0.05), loss=lossc.keras.Loss(SOURCE))
+        history = model.fit(images, masks, epochs=8, batch_size=8, verbose=0).history["loss"]
+        self.assertLess(history[-1], 0.6 * history[0])
+        config = model.loss.get_config()
+        self.assertEqual(config["source"], SOURCE)
+
+    def test_refusals(self):
+        with self.assertRaisesRegex(ValueError, "takes \\(prediction, target\\)"):
+            lossc.keras.Loss("dice_masked")
+        images, masks = data(2)
+        with self.assertRaisesRegex(ValueError, "sample_weight"):
+            lossc.keras.Loss(SOURCE)(masks, images[..., :1], sample_weight=np.ones(2))
+
+    def test_the_torch_backend(self):
+        if keras.backend.backend() != "jax":
+            self.skipTest("runs once, from the JAX backend's process")
+        here = os.path.dirname(os.path.abspath(__file__))
+        package_root = os.path.dirname(os.path.dirname(lossc.__file__))
+        path = os.pathsep.join(filter(None, [package_root, here, os.environ.get("PYTHONPATH")]))
+        env = dict(os.environ, KERAS_BACKEND="torch", PYTHONPATH=path)
+        test = f"{__name__}.KerasLoss.test_model_fit_lowers_the_loss"
+        out = subprocess.run(
+            [sys.executable, "-m", "unittest", test],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+        self.assertIn("OK", out.stderr)
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,330 @@
+"""The NumPy layer against hand-written float64 formulas (from the papers, not from
+lossc's sources), against finite differences, and on bad input."""
+
+import pickle
+import re
+import threading
+import unittest
+from pathlib import Path
+
+import numpy as np
+
+import lossc
+
+RNG = np.random.default_rng()
+
+
+def sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def softplus(x):
+    return np.logaddexp(0, x)
+
+
+def log_softmax(x):
+    m = x.max(axis=1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=1, keepdims=True))
+
+
+# Independent float64 references: (source, hyperparameters, formula of the inputs, inputs).
+def dice(p, y, smooth=1.0):
+    return 1 - (2 * (p * y).sum() + smooth) / (p.sum() + y.sum() + smooth)
+
+
+def tversky(p, y, alpha, beta, smooth=1.0):
+    tp, fp, fn = (p * y).sum(), (p * (1 - y)).sum(), ((1 - p) * y).sum()
+    return 1 - (tp + smooth) / (tp + alpha * fp + beta * fn + smooth)
+
+
+def bce_logits(x, y, pos_weight=1.0):
+    # PyTorch's BCEWithLogitsLoss: -[w y log s(x) + (1 - y) log(1 - s(x))], averaged.
+    return (pos_weight * y * softplus(-x) + (1 - y) * softplus(x)).mean()
+
+
+def focal(x, y, alpha, gamma):
+    # Lin et al. 2017, as torchvision.ops.sigmoid_focal_loss(reduction="mean").
+    p = sigmoid(x)
+    ce = y * softplus(-x) + (1 - y) * softplus(x)
+    p_t = p * y + (1 - p) * (1 - y)
+    alpha_t = alpha * y + (1 - alpha) * (1 - y)
+    return (alpha_t * ce * (1 - p_t) ** gamma).mean()
+
+
+def cross_entropy(x, y):
+    return -(y * log_softmax(x)).sum(axis=1).mean()
+
+
+def dice_multiclass(x, y, smooth=1.0):
+    s = np.exp(log_softmax(x))
+    axes = tuple(a for a in range(x.ndim) if a != 1)
+    per_class = (2 * (s * y).sum(axis=axes) + smooth) / (s.sum(axis=axes) + y.sum(axis=axes) + smooth)
+    return 1 - per_class.mean()
+
+
+def lovasz_hinge(x, y):
+    """Berman et al. 2018, binary, over the flattened tensor: the value and d/dx."""
+    signs = 2 * y.ravel() - 1
+    errors = 1 - x.ravel() * signs
+    order = np.argsort(-errors, kind="stable")
+    gt = y.ravel()[order]
+    intersection = gt.sum() - np.cumsum(gt)
+    union = gt.sum() + np.cumsum(1 - gt)
+    jaccard = 1 - intersection / union
+    jaccard[1:] = jaccard[1:] - jaccard[:-1]
+    value = np.dot(np.maximum(errors[order], 0), jaccard)
+    # The loss is linear in the sorted errors: d/de_k = [e_k > 0] * jaccard_k, de/dx = -sign.
+    grad = np.zeros_like(errors)
+    grad[order] = (errors[order] > 0) * jaccard * -signs[order]
+    return value, grad.reshape(x.shape)
+
+
+def probabilities(shape):
+    return RNG.uniform(0.02, 0.98, shape)
+
+
+def logits(shape):
+    return RNG.normal(0, 2, shape)
+
+
+def masks(shape):
+    return (RNG.uniform(size=shape) < 0.4).astype(np.float64)
+
+
+def one_hot(shape):
+    n, c = shape[0], shape[1]
+    labels = RNG.integers(0, c, (n,) + tuple(shape[2:]))
+    return np.moveaxis(np.eye(c)[labels], -1, 1)
+
+
+BINARY = [
+    ("dice", {}, dice, probabilities),
+    ("tversky", {"alpha": 0.3, "beta": 0.7}, lambda p, y: tversky(p, y, 0.3, 0.7), probabilities),
+    ("bce_logits", {"pos_weight": 2.5}, lambda x, y: bce_logits(x, y, 2.5), logits),
+    ("focal", {"alpha": 0.25, "gamma": 2}, lambda x, y: focal(x, y, 0.25, 2.0), logits),
+    ("0.5*dice(sigmoid(x), y) + bce_logits(x, y)", {}, lambda x, y: 0.5 * dice(sigmoid(x), y) + bce_logits(x, y), logits),
+]
+MULTICLASS = [
+    ("cross_entropy", {}, cross_entropy),
+    ("dice_multiclass", {}, dice_multiclass),
+]
+
+
+def finite_difference(f, arrays, i, h=1e-6):
+    """Central differences of the float64 formula `f` with respect to input `i`."""
+    grad = np.zeros_like(arrays[i])
+    for k in np.ndindex(arrays[i].shape):
+        up = [a.copy() for a in arrays]
+        down = [a.copy() for a in arrays]
+        up[i][k] += h
+        down[i][k] -= h
+        grad[k] = (f(*up) - f(*down)) / (2 * h)
+    return grad
+
+
+class Formulas(unittest.TestCase):
+    """Values within 1e-5 relative, gradients within 1e-5 of max|g| (float32 kernels)."""
+
+    def assert_matches(self, loss, formula, arrays, wrt=(0, 1)):
+        arrays32 = [a.astype(np.float32) for a in arrays]
+        exact = [a.astype(np.float64) for a in arrays32]  # the formula sees the same numbers
+        value, grads = loss.value_and_grad(*arrays32, wrt=wrt)
+        expected = formula(*exact)
+        self.assertLess(abs(value - expected), 1e-5 * abs(expected), f"{loss.name}: {value} vs {expected}")
+        small = [a[:1, :, :3, :3].copy() for a in exact]
+        _, small_grads = loss.value_and_grad(*small, wrt=wrt, reference=True)
+        for i, g in zip(wrt, small_grads):
+            fd = finite_difference(formula, small, i)
+            scale = np.abs(fd).max()
+            self.assertLess(np.abs(g - fd).max(), 1e-6 * max(scale, 1e-3), f"{loss.name} d/d{loss.inputs[i]}")
+        _, reference_grads = loss.value_and_grad(*exact, wrt=wrt, reference=True)
+        for i, g, r in zip(wrt, grads, reference_grads):
+            self.assertEqual(g.shape, arrays[i].shape)
+            self.assertEqual(g.dtype, np.float32)
+            scale = np.abs(r).max()
+            self.assertLess(np.abs(g - r).max(), 1e-5 * scale, f"{loss.name} d/d{loss.inputs[i]}")
+
+    def test_binary_losses_batched_and_odd_sized(self):
+        for source, params, formula, make_input in BINARY:
+            for shape in [(3, 1, 17, 13), (2, 1, 64, 65)]:
+                with self.subTest(loss=source, shape=shape):
+                    loss = lossc.Loss(source, **params)
+                    self.assert_matches(loss, formula, [make_input(shape), masks(shape)])
+
+    def test_multiclass_losses(self):
+        for source, params, formula in MULTICLASS:
+            with self.subTest(loss=source):
+                shape = (2, 4, 9, 11)
+                loss = lossc.Loss(source, **params)
+                self.assert_matches(loss, formula, [logits(shape), one_hot(shape)], wrt=(0,))
+
+    def test_lovasz_hinge_value_and_gradient(self):
+        shape = (2, 1, 31, 29)
+        x, y = logits(shape).astype(np.float32), masks(shape).astype(np.float32)
+        value, (dx,) = lossc.Loss("lovasz_hinge").value_and_grad(x, y, wrt=["x"])
+        expected, expected_dx = lovasz_hinge(x.astype(np.float64), y.astype(np.float64))
+        self.assertLess(abs(value - expected), 1e-5 * expected)
+        self.assertLess(np.abs(dx - expected_dx).max(), 1e-5 * np.abs(expected_dx).max())
+
+    def test_class_weights_broadcast_over_batch_and_positions(self):
+        shape = (2, 3, 8, 8)
+        x, y = logits(shape), one_hot(shape)
+        w = RNG.uniform(0.5, 2, (1, 3))
+        loss = lossc.Loss("dice_multiclass_weighted")
+        value, (dw,) = loss.value_and_grad(x, y, w, wrt=["w"])
+        s = np.exp(log_softmax(x.astype(np.float32).astype(np.float64)))
+        per_class = (2 * (s * y).sum(axis=(0, 2, 3)) + 1) / (s.sum(axis=(0, 2, 3)) + y.sum(axis=(0, 2, 3)) + 1)
+        wf = w.astype(np.float32).astype(np.float64)[0]
+        expected = 1 - (wf * per_class).sum() / wf.sum()
+        self.assertLess(abs(value - expected), 1e-5 * abs(expected))
+        self.assertEqual(dw.shape, (1, 3))
+        expected_dw = -(per_class * wf.sum() - (wf * per_class).sum()) / wf.sum() ** 2
+        self.assertLess(np.abs(dw[0] - expected_dw).max(), 1e-5 * np.abs(expected_dw).max())
+
+    def test_one_million_elements_sum_without_drift(self):
+        shape = (4, 1, 512, 512)
+        loss = lossc.Loss("dice")
+        self.assert_matches_large(loss, dice, [probabilities(shape), masks(shape)])
+
+    def assert_matches_large(self, loss, formula, arrays):
+        arrays32 = [a.astype(np.float32) for a in arrays]
+        value = loss(*arrays32)
+        expected = formula(*[a.astype(np.float64) for a in arrays32])
+        self.assertLess(abs(value - expected), 1e-6 * abs(expected))
+
+
+class Interface(unittest.TestCase):
+    def test_names_texts_and_terms(self):
+        loss = lossc.Loss("tversky", alpha=0.3, beta=0.7)
+        self.assertEqual(loss.name, "tversky")
+        self.assertEqual(loss.inputs, ("p", "y"))
+        self.assertIn("0.3 * sum(p * (1 - y))", loss.show())
+        self.assertIn("d/dp =", loss.show_grad())
+        combined = lossc.Loss("0.5*dice(sigmoid(x), y) + bce_logits(x, y)")
+        self.assertEqual(len(combined.terms), 2)
+        x, y = logits((2, 1, 10, 10)), masks((2, 1, 10, 10))
+        total, terms = combined.eval_terms(x, y)
+        self.assertAlmostEqual(total, sum(terms), places=6)
+        self.assertAlmostEqual(terms[1], bce_logits(x.astype(np.float32).astype(np.float64), y), places=6)
+
+    def test_a_loss_file_and_the_stdlib_listing(self):
+        path = Path(__file__).parent / "my_tversky.loss"
+        path.write_text("loss my_tversky(p, y; alpha = 0.3) = tversky(p, y, alpha = alpha, beta = 1 - alpha);\n")
+        try:
+            loss = lossc.Loss(path, alpha=0.2)
+        finally:
+            path.unlink()
+        p, y = probabilities((1, 1, 40)), masks((1, 1, 40))
+        self.assertAlmostEqual(loss(p, y), tversky(p.astype(np.float32).astype(np.float64), y, 0.2, 0.8), places=6)
+        library = lossc.stdlib()
+        self.assertEqual(library["dice"], "dice(p, y; smooth = 1)")
+        self.assertGreaterEqual(len(library), 30)
+
+    def test_version_matches_the_package(self):
+        text = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+        self.assertEqual(re.search(r'^version = "(.*)"', text, re.M).group(1), lossc.__version__)
+
+    def test_gradients_into_given_buffers_and_integer_labels(self):
+        x, y = logits((2, 1, 30)), masks((2, 1, 30)).astype(np.int64)
+        loss = lossc.Loss("bce_logits")
+        out = np.full((2, 1, 30), np.nan, dtype=np.float32)
+        value, (dx,) = loss.value_and_grad(x, y, wrt=["x"], out=[out])
+        self.assertIs(dx, out)
+        expected = (sigmoid(x.astype(np.float32).astype(np.float64)) - y) / y.size
+        self.assertLess(np.abs(out - expected).max(), 1e-6 * np.abs(expected).max())
+        self.assertAlmostEqual(value, loss(x, y))
+
+    def test_threads_share_one_loss_and_agree_bitwise(self):
+        loss = lossc.Loss("0.5*dice(sigmoid(x), y) + bce_logits(x, y)")
+        x, y = logits((2, 1, 300, 301)).astype(np.float32), masks((2, 1, 300, 301))
+        first, (g,) = loss.value_and_grad(x, y, wrt=[0])
+        results = []
+
+        def work():
+            for _ in range(5):
+                results.append(loss.value_and_grad(x, y, wrt=[0]))
+
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.assertEqual(len(results), 20)
+        for value, (grad,) in results:
+            self.assertEqual(value, first)
+            self.assertTrue(np.array_equal(grad, g))
+
+    def test_pickles_by_its_text(self):
+        loss = lossc.Loss("focal", gamma=3)
+        copy = pickle.loads(pickle.dumps(loss))
+        x, y = logits((1, 1, 50)), masks((1, 1, 50))
+        self.assertEqual(copy(x, y), loss(x, y))
+        self.assertIn("gamma=3", repr(copy))
+
+
+class Errors(unittest.TestCase):
+    def test_source_errors_point_at_the_text(self):
+        with self.assertRaises(lossc.ParseError) as caught:
+            lossc.Loss("dice(p, y")
+        self.assertIn("1:10", str(caught.exception))
+        with self.assertRaises(lossc.CheckError) as caught:
+            lossc.Loss("dcie(p, y)")
+        self.assertIn("dice", str(caught.exception))  # the suggestion
+        with self.assertRaises(lossc.ParamsError):
+            lossc.Loss("tversky", gamma=2)
+        with self.assertRaises(lossc.ParamsError):
+            lossc.Loss("tversky", alpha="a lot")
+        with self.assertRaises(lossc.ParamsError):
+            lossc.Loss("tversky", alpha=float("nan"))
+        with self.assertRaises(TypeError):
+            lossc.Loss(42)
+
+    def test_shape_errors_name_the_inputs(self):
+        loss = lossc.Loss("dice")
+        with self.assertRaisesRegex(lossc.ShapeError, "input `y`"):
+            loss(probabilities((4, 1, 8, 8)), masks((2, 1, 8, 8)))
+        with self.assertRaisesRegex(lossc.ShapeError, r"takes 2 inputs \(p, y\), but 1 were given"):
+            loss(probabilities((4, 1, 8, 8)))
+        with self.assertRaisesRegex(lossc.ShapeError, "but 3 were given"):
+            loss.value_and_grad(*[probabilities((4, 1, 8, 8))] * 3)
+        with self.assertRaises(TypeError):
+            loss(np.array(["a", "b"]), np.array(["c", "d"]))
+
+    def test_bad_requests_for_gradients(self):
+        loss = lossc.Loss("dice")
+        p, y = probabilities((1, 1, 8)), masks((1, 1, 8))
+        with self.assertRaisesRegex(ValueError, "not an input"):
+            loss.value_and_grad(p, y, wrt=["x"])
+        with self.assertRaisesRegex(ValueError, "twice"):
+            loss.value_and_grad(p, y, wrt=["p", 0])
+        with self.assertRaises(TypeError):
+            loss.value_and_grad(p, y, wrt="p")
+        with self.assertRaisesRegex(ValueError, "float32"):
+            loss.value_and_grad(p, y, wrt=["p"], out=[np.empty(8)])
+        with self.assertRaisesRegex(ValueError, "holds 7 values"):
+            loss.value_and_grad(p, y, wrt=["p"], out=[np.empty(7, dtype=np.float32)])
+        shared = np.empty(8, dtype=np.float32)
+        with self.assertRaisesRegex(ValueError, "overlaps"):
+            loss.value_and_grad(p, y, out=[shared, shared])
+        p32 = p.astype(np.float32)
+        with self.assertRaisesRegex(ValueError, "overlaps an input"):
+            loss.value_and_grad(p32, y, wrt=["p"], out=[p32])
+
+    def test_nan_inputs_give_nan_and_are_counted(self):
+        loss = lossc.Loss("dice")
+        p, y = probabilities((1, 1, 20)), masks((1, 1, 20))
+        p[0, 0, 3] = np.nan
+        p[0, 0, 7] = np.inf
+        self.assertTrue(np.isnan(loss(p, y)))
+        self.assertEqual(loss.count_nonfinite(p, y), {"p": 2, "y": 0})
+
+    def test_a_broadcast_too_large_for_memory_is_refused(self):
+        # 2^32 broadcast elements: the sort behind Lovász would need hundreds of GB.
+        loss = lossc.Loss("lovasz_hinge")
+        x, y = logits((1 << 16, 1, 1)), masks((1, 1, 1 << 16))
+        with self.assertRaisesRegex(lossc.ShapeError, "working memory"):
+            loss(x, y)
+
+
+if __name__ == "__main__":
+    unittest.main()

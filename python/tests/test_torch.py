@@ -1,0 +1,168 @@
+"""lossc.torch against losses written in PyTorch itself (autograd for the gradients)."""
+
+import io
+import unittest
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import lossc
+import lossc.torch
+
+
+def dice(p, y, smooth=1.0):
+    return 1 - (2 * (p * y).sum() + smooth) / (p.sum() + y.sum() + smooth)
+
+
+def focal(x, y, alpha=0.25, gamma=2.0):
+    # torchvision.ops.sigmoid_focal_loss, reduction="mean".
+    p = torch.sigmoid(x)
+    ce = F.binary_cross_entropy_with_logits(x, y, reduction="none")
+    p_t = p * y + (1 - p) * (1 - y)
+    loss = ce * (1 - p_t) ** gamma
+    return ((alpha * y + (1 - alpha) * (1 - y)) * loss).mean()
+
+
+def combined(x, y):
+    return 0.5 * dice(torch.sigmoid(x), y) + F.binary_cross_entropy_with_logits(x, y)
+
+
+CASES = [
+    ("0.5*dice(sigmoid(x), y) + bce_logits(x, y)", {}, combined),
+    ("focal", {"gamma": 2}, focal),
+    ("bce_logits", {"pos_weight": 3}, lambda x, y: F.binary_cross_entropy_with_logits(x, y, pos_weight=torch.tensor(3.0))),
+]
+
+
+def inputs(shape, classes=None):
+    x = torch.randn(shape) * 2
+    if classes is None:
+        return x, (torch.rand(shape) < 0.4).float()
+    labels = torch.randint(0, classes, (shape[0],) + tuple(shape[2:]))
+    return x, F.one_hot(labels, classes).movedim(-1, 1).float()
+
+
+class AgainstPyTorch(unittest.TestCase):
+    def check(self, criterion, formula, x, y, grad_y=True):
+        x1, y1 = x.clone().requires_grad_(), y.clone().requires_grad_(grad_y)
+        value = criterion(x1, y1)
+        value.backward()
+        x2, y2 = x.double().requires_grad_(), y.double().requires_grad_(grad_y)
+        expected = formula(x2, y2)
+        expected.backward()
+        self.assertEqual(value.dtype, torch.float32)
+        self.assertEqual(value.shape, ())
+        self.assertLess(abs(value.item() - expected.item()), 1e-5 * abs(expected.item()))
+        pairs = [(x1, x2)] + ([(y1, y2)] if grad_y else [])
+        for mine, theirs in pairs:
+            scale = theirs.grad.abs().max().item()
+            self.assertLess((mine.grad.double() - theirs.grad).abs().max().item(), 1e-5 * scale)
+
+    def test_binary_losses(self):
+        for source, params, formula in CASES:
+            for shape in [(4, 1, 33, 31), (2, 1, 128, 128)]:
+                with self.subTest(loss=source, shape=shape):
+                    x, y = inputs(shape)
+                    self.check(lossc.torch.Loss(source, **params), formula, x, y)
+
+    def test_multiclass_cross_entropy_and_dice(self):
+        x, y = inputs((2, 5, 20, 24), classes=5)
+        self.check(lossc.torch.Loss("cross_entropy"), lambda x, y: F.cross_entropy(x, y), x, y, grad_y=False)
+
+        def dice_multiclass(x, y):
+            s = torch.softmax(x, dim=1)
+            dims = (0, 2, 3)
+            return 1 - ((2 * (s * y).sum(dims) + 1) / (s.sum(dims) + y.sum(dims) + 1)).mean()
+
+        self.check(lossc.torch.Loss("dice_multiclass"), dice_multiclass, x, y, grad_y=False)
+
+    def test_index_labels_with_an_ignored_class(self):
+        x = torch.randn(2, 4, 10, 12)
+        t = torch.randint(0, 4, (2, 10, 12))
+        t[0, :3] = -100
+        x1 = x.clone().requires_grad_()
+        value = lossc.torch.Loss("cross_entropy_index")(x1, t.unsqueeze(1))
+        value.backward()
+        x2 = x.double().requires_grad_()
+        expected = F.cross_entropy(x2, t, ignore_index=-100)
+        expected.backward()
+        self.assertLess(abs(value.item() - expected.item()), 1e-5 * expected.item())
+        self.assertLess((x1.grad.double() - x2.grad).abs().max().item(), 1e-5 * x2.grad.abs().max().item())
+
+    def test_gradcheck_with_the_reference_evaluator(self):
+        criterion = lossc.torch.Loss("tversky", reference=True, alpha=0.3, beta=0.7)
+        p = torch.rand(2, 1, 3, 4, dtype=torch.float64).clamp(0.05, 0.95).requires_grad_()
+        y = torch.rand(2, 1, 3, 4, dtype=torch.float64).requires_grad_()
+        self.assertTrue(torch.autograd.gradcheck(criterion, (p, y)))
+        self.assertEqual(criterion(p, y).dtype, torch.float64)
+
+
+class Behaviour(unittest.TestCase):
+    def test_only_inputs_that_require_grad_get_one(self):
+        x, y = inputs((2, 1, 16, 16))
+        x.requires_grad_()
+        lossc.torch.Loss("bce_logits")(x, y).backward()
+        self.assertIsNotNone(x.grad)
+        self.assertIsNone(y.grad)
+        with torch.no_grad():
+            value = lossc.torch.Loss("bce_logits")(x, y)
+        self.assertFalse(value.requires_grad)
+
+    def test_half_precision_inputs_get_gradients_of_their_dtype(self):
+        x, y = inputs((2, 1, 16, 16))
+        xh = x.half().requires_grad_()
+        value = lossc.torch.Loss("bce_logits")(xh, y)
+        value.backward()
+        self.assertEqual(value.dtype, torch.float32)
+        self.assertEqual(xh.grad.dtype, torch.float16)
+        expected = (torch.sigmoid(xh.float()) - y) / y.numel()
+        self.assertLess((xh.grad.float() - expected).abs().max().item(), 2e-3 * expected.abs().max().item())
+
+    def test_upstream_gradient_scales_and_non_contiguous_inputs(self):
+        x, y = inputs((2, 16, 16, 1))
+        x = x.permute(0, 3, 1, 2).requires_grad_()  # a view, not contiguous
+        y = y.permute(0, 3, 1, 2)
+        (3 * lossc.torch.Loss("bce_logits")(x, y)).backward()
+        expected = 3 * (torch.sigmoid(x.detach()) - y) / y.numel()
+        self.assertLess((x.grad - expected).abs().max().item(), 1e-5 * expected.abs().max().item())
+
+    def test_a_model_learns_and_the_module_saves(self):
+        torch.manual_seed(0)
+        images = torch.randn(16, 3, 24, 24)
+        masks = (images[:, :1] + 0.5 * images[:, 1:2] > 0).float()
+        model = torch.nn.Conv2d(3, 1, 1)
+        criterion = lossc.torch.Loss("0.5*dice(sigmoid(x), y) + bce_logits(x, y)")
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+        history = []
+        for _ in range(40):
+            optimizer.zero_grad()
+            loss = criterion(model(images), masks)
+            loss.backward()
+            optimizer.step()
+            history.append(loss.item())
+        self.assertLess(history[-1], 0.5 * history[0])
+        buffer = io.BytesIO()
+        torch.save(criterion, buffer)
+        buffer.seek(0)
+        restored = torch.load(buffer, weights_only=False)
+        with torch.no_grad():
+            out = model(images)
+            self.assertEqual(restored(out, masks).item(), criterion(out, masks).item())
+
+    def test_errors(self):
+        criterion = lossc.torch.Loss("dice")
+        with self.assertRaisesRegex(lossc.ShapeError, "has 3 along batch"):
+            criterion(torch.rand(2, 1, 8, 8), torch.rand(3, 1, 8, 8))
+        with self.assertRaises(lossc.ParamsError):
+            lossc.torch.Loss("dice", smoth=1)
+        x = torch.rand(2, 1, 4, 4, requires_grad=True)
+        value = lossc.torch.Loss("dice")(x, torch.rand(2, 1, 4, 4))
+        (grad,) = torch.autograd.grad(value, x, create_graph=True)
+        with self.assertRaises(RuntimeError):
+            grad.sum().backward()  # no second derivative: refused, not silently zero
+        self.assertTrue(np.isnan(criterion(torch.full((1, 1, 3), float("nan")), torch.rand(1, 1, 3)).item()))
+
+
+if __name__ == "__main__":
+    unittest.main()
