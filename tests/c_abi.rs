@@ -1,7 +1,7 @@
 //! The C ABI from real clients: the committed header against a fresh cbindgen run,
 //! a C11 program against `liblossc.so` (also under valgrind) and `liblossc.a`, eight
 //! C threads on one loss, the README's minimal example (also through `lossc.pc`), the
-//! C++ trainer, and Python's ctypes.
+//! C++ trainer, Python's ctypes, and the Python package (python/).
 //!
 //! The first test to need them builds the library's cdylib and staticlib next to this
 //! test's binary (`target/<profile>/`, with `cargo build --lib`), so the clients link
@@ -383,5 +383,30 @@ fn python_ctypes() {
     let mut cmd = Command::new("python3");
     cmd.arg(root("tests/c/ctypes_smoke.py")).arg(lib_dir().join("liblossc.so")).arg(format!("{value:e}"));
     cmd.args(grads[0].data.iter().map(|g| format!("{g:e}")));
+    run(&mut cmd);
+}
+
+/// The Python package (python/lossc: NumPy, PyTorch, JAX and Keras layers) on this
+/// build of liblossc: its unittest suite, against formulas written in each framework.
+#[test]
+fn python_package() {
+    if !tools(&["python3"]) {
+        return;
+    }
+    let modules = "import numpy, torch, jax, keras";
+    let probe = Command::new("python3").args(["-c", modules]).env("KERAS_BACKEND", "jax").output();
+    let found = probe.is_ok_and(|o| o.status.success());
+    if !found {
+        let message = "python3 cannot `import numpy, torch, jax, keras` (pip install numpy torch 'jax[cpu]' keras)";
+        assert!(!std::env::var("LOSSC_REQUIRE_TOOLS").is_ok_and(|v| v == "1"), "LOSSC_REQUIRE_TOOLS=1 but {message}");
+        eprintln!("SKIPPED: {message}");
+        return;
+    }
+    let mut cmd = Command::new("python3");
+    cmd.current_dir(root("python"))
+        .args(["-m", "unittest", "discover", "-s", "tests", "-v"])
+        .env("LOSSC_LIBRARY", lib_dir().join("liblossc.so"))
+        .env("PYTHONPATH", root("python"))
+        .env("KERAS_BACKEND", "jax");
     run(&mut cmd);
 }
