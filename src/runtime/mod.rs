@@ -17,6 +17,8 @@ pub mod gpu;
 pub mod native;
 pub mod sorted;
 
+use std::path::Path;
+
 use crate::error::Error;
 use crate::ir::Op;
 use crate::loss::Loss;
@@ -100,8 +102,9 @@ pub(crate) fn ensure_memory(ext: [usize; 3], bytes: f64, what: &str) -> Result<(
 }
 
 /// Bytes of memory available to a new allocation: free RAM that can be reclaimed plus free
-/// swap (/proc/meminfo), or the process's address-space limit (`ulimit -v`) if lower;
-/// `None` where /proc/meminfo is not readable.
+/// swap (/proc/meminfo), or less where the process's address-space limit (`ulimit -v`) or
+/// its control group's memory limit (a container's) leaves less; `None` where
+/// /proc/meminfo is not readable.
 fn available_memory() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let field = |name: &str| -> Option<u64> {
@@ -115,7 +118,46 @@ fn available_memory() -> Option<u64> {
         let line = limits.lines().find(|l| l.starts_with("Max address space"))?;
         line["Max address space".len()..].split_whitespace().next()?.parse::<u64>().ok()
     });
-    Some(limit.map_or(free, |l| l.min(free)))
+    let membership = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let cgroup = cgroup_headroom(Path::new("/sys/fs/cgroup"), &membership);
+    Some([limit, cgroup].into_iter().flatten().fold(free, u64::min))
+}
+
+/// The memory left under the limits of the control groups in `membership` (the text of
+/// /proc/self/cgroup) and of every group above them, the smallest headroom of all: cgroup
+/// v2's `memory.max - memory.current` and v1's `memory.limit_in_bytes -
+/// memory.usage_in_bytes`, under `root`. `None` where no group sets a limit (v2 writes
+/// "max", v1 a number near 2^63).
+fn cgroup_headroom(root: &Path, membership: &str) -> Option<u64> {
+    let mut headroom: Option<u64> = None;
+    for line in membership.lines() {
+        // "0::/path" (v2, no controller names) or "4:memory:/path" (v1).
+        let mut fields = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) = (fields.next(), fields.next(), fields.next()) else {
+            continue;
+        };
+        let (base, limit_file, usage_file) = if controllers.is_empty() {
+            (root.to_path_buf(), "memory.max", "memory.current")
+        } else if controllers.split(',').any(|c| c == "memory") {
+            (root.join("memory"), "memory.limit_in_bytes", "memory.usage_in_bytes")
+        } else {
+            continue;
+        };
+        let mut dir = base.join(path.trim_start_matches('/'));
+        loop {
+            let read = |file: &str| std::fs::read_to_string(dir.join(file)).ok()?.trim().parse::<u64>().ok();
+            if let (Some(limit), Some(usage)) = (read(limit_file), read(usage_file)) {
+                if limit < 1 << 62 {
+                    let left = limit.saturating_sub(usage);
+                    headroom = Some(headroom.map_or(left, |h| h.min(left)));
+                }
+            }
+            if dir == base || !dir.pop() {
+                break;
+            }
+        }
+    }
+    headroom
 }
 
 /// The engine that runs a loss natively.
@@ -224,4 +266,39 @@ fn reference_blocked(loss: &Loss, inputs: &[View], grads: &mut [Option<&mut [f32
     let (value, values) = blocked::evaluate(loss, &refs, want)?;
     write_back(grads, &values);
     Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cgroup_headroom;
+    use std::path::Path;
+
+    fn write(root: &Path, file: &str, text: &str) {
+        let path = root.join(file);
+        std::fs::create_dir_all(path.parent().expect("a folder")).expect("folders");
+        std::fs::write(path, text).expect("a file");
+    }
+
+    #[test]
+    fn a_control_groups_memory_limit_bounds_the_available_memory() {
+        let root = std::env::temp_dir().join(format!("lossc-cgroup-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        // v2: the limit is set on the parent; the process's own group says "max".
+        write(&root, "v2/box/memory.max", "1000000\n");
+        write(&root, "v2/box/memory.current", "400000\n");
+        write(&root, "v2/box/job/memory.max", "max\n");
+        write(&root, "v2/box/job/memory.current", "300000\n");
+        assert_eq!(cgroup_headroom(&root.join("v2"), "0::/box/job\n"), Some(600000));
+        assert_eq!(cgroup_headroom(&root.join("v2"), "0::/elsewhere\n"), None);
+        // v1: only the memory controller's line counts; "unlimited" is a number near 2^63.
+        write(&root, "v1/memory/job/memory.limit_in_bytes", "5000000\n");
+        write(&root, "v1/memory/job/memory.usage_in_bytes", "1000000\n");
+        write(&root, "v1/memory/free/memory.limit_in_bytes", "9223372036854771712\n");
+        write(&root, "v1/memory/free/memory.usage_in_bytes", "1000000\n");
+        let v1 = root.join("v1");
+        assert_eq!(cgroup_headroom(&v1, "5:cpu:/job\n4:memory:/job\n0::/\n"), Some(4000000));
+        assert_eq!(cgroup_headroom(&v1, "4:memory:/free\n"), None);
+        assert_eq!(cgroup_headroom(&v1, "garbage\n4:memory\n"), None);
+        std::fs::remove_dir_all(&root).expect("clean up");
+    }
 }
