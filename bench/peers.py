@@ -33,7 +33,10 @@ SUITE = ["dice", "tversky", "focal_tversky", "combo", "dice_bce", "bce_logits", 
 LOGITS = {"dice_bce", "bce_logits", "focal", "dice_multiclass", "lovasz_hinge"}
 MULTICLASS = {"dice_multiclass"}
 SORTS = {"lovasz_hinge"}
-PEERS = ["eager", "compile", "jax"]
+# "lossc.torch" is lossc itself as PyTorch users call it (python/lossc/torch.py, on the
+# release liblossc): its ratio is what the Python layer, autograd and a fresh gradient
+# tensor per call add to the bare kernels.
+PEERS = ["eager", "compile", "jax", "lossc.torch"]
 
 
 # ---------------------------------------------------------------- the losses, once per framework
@@ -215,6 +218,25 @@ def peer_fns(peer, loss, first, y):
     returning (value, gradient) as numpy."""
     import numpy as np
 
+    if peer == "lossc.torch":
+        import torch
+
+        import lossc.torch
+
+        criterion = lossc.torch.Loss(loss)
+        xt = torch.from_numpy(first).requires_grad_(True)
+        yt = torch.from_numpy(y)
+
+        def step():
+            value = criterion(xt, yt)
+            (grad,) = torch.autograd.grad(value, xt)
+            return value, grad
+
+        def result():
+            value, grad = step()
+            return float(value), grad.numpy()
+
+        return step, result
     if peer in ("eager", "compile"):
         import torch
 
@@ -307,13 +329,16 @@ def versions():
 # ---------------------------------------------------------------- the parent
 
 
-def child_env(threads):
+def child_env(threads, library_dir):
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "RAYON_NUM_THREADS"):
         env[var] = str(threads)
     multi = "true" if threads > 1 else "false"
     env["XLA_FLAGS"] = f"--xla_cpu_multi_thread_eigen={multi} intra_op_parallelism_threads={threads}"
     env["JAX_PLATFORMS"] = "cpu"
+    # The lossc.torch peer: the package from python/ on the release library beside --lossc.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "python"), env.get("PYTHONPATH")]))
+    env.setdefault("LOSSC_LIBRARY", str(Path(library_dir) / "liblossc.so"))
     return env
 
 
@@ -369,7 +394,7 @@ def parent(args):
         jobs.write_text(json.dumps({"checks": checks if i == 0 else [], "timings": timings}))
         cmd = [sys.executable, __file__, "--child", "--jobs", str(jobs), "--threads-one", str(threads),
                "--runs", str(args.runs), "--sort-runs", str(args.sort_runs), "--peers", ",".join(args.peers)]
-        done = subprocess.run(cmd, env=child_env(threads), stdout=subprocess.PIPE, text=True)
+        done = subprocess.run(cmd, env=child_env(threads, Path(args.lossc).parent), stdout=subprocess.PIPE, text=True)
         if done.returncode != 0:
             sys.exit(f"the {threads}-thread child failed")
         for line in done.stdout.splitlines():
@@ -411,7 +436,7 @@ def report(args, bench_rows, peer_rows, checks, version):
                 cells.append(f"{r.get('value_rel', float('nan')):>14.1e} {r.get('grad_rel', float('nan')):>13.1e}")
         print(f"{c['loss']:<16} {c['backend']:>6} " + " ".join(cells))
     print()
-    names = {"eager": "eager", "compile": "torch.compile", "jax": "jax.jit"}
+    names = {"eager": "eager", "compile": "torch.compile", "jax": "jax.jit", "lossc.torch": "lossc.torch"}
     rows = []
     for r in bench_rows:
         mine = r.get("median_ms")
@@ -450,7 +475,7 @@ def main():
     ap.add_argument("--threads", type=lambda s: [int(t) for t in s.split(",")], default=[1, 2])
     ap.add_argument("--runs", type=int, default=7, help="timed runs per measurement (median)")
     ap.add_argument("--sort-runs", type=int, default=3, help="timed runs for sorting losses (slow in the peers)")
-    ap.add_argument("--peers", type=lambda s: s.split(","), default=PEERS, help="eager,compile,jax")
+    ap.add_argument("--peers", type=lambda s: s.split(","), default=PEERS, help="eager,compile,jax,lossc.torch")
     ap.add_argument("--check-size", default="64K", help="elements of the value/gradient check")
     ap.add_argument("--markdown", action="store_true", help="print the timing table as Markdown (for the README)")
     ap.add_argument("--lossc", default=str(default_lossc), help="the lossc binary")

@@ -273,6 +273,19 @@ lossc_status lossc_count_nonfinite(const lossc_loss *loss,
                                    uint64_t *counts_out);
 
 /**
+ * Checks input shapes as `lossc_eval` does, without the data: `LOSSC_STATUS_OK`, or
+ * `LOSSC_STATUS_SHAPE` with the message `lossc_eval` would give (the input, the expected
+ * and the received shapes, the broadcast rule). For callers that know the shapes before
+ * the arrays exist, such as a JAX trace. It does not check memory: a vast broadcast is
+ * refused by the evaluation itself. May run concurrently with any other call on the same
+ * loss except `lossc_free`.
+ *
+ * # Safety
+ * `loss` is NULL or a live loss; `shapes` NULL or holding `n_inputs` shapes.
+ */
+lossc_status lossc_check_shapes(const lossc_loss *loss, const lossc_shape *shapes, size_t n_inputs);
+
+/**
  * How many terms the loss's top-level sum has: 2 for
  * "0.5*dice(sigmoid(x), y) + bce_logits(x, y)", 1 for a loss that is not a sum
  * (0 if `loss` is NULL). May run concurrently with any other call on the same loss

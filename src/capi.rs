@@ -290,21 +290,7 @@ unsafe fn read_pointers<T>(
     shapes: *const Shape,
     n: usize,
 ) -> Result<Vec<Unread<T>>, Failure> {
-    // Before reading the arrays: `n` is their length by the caller's contract, and a wrong
-    // count would read past them (or reserve a vector of absurd size).
-    let specs = loss.inputs();
-    if n != specs.len() {
-        let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
-        return Err(Failure::new(
-            Status::Shape,
-            format!(
-                "error: `{}` takes {} inputs ({}), but {n} were given (n_inputs)\n",
-                loss.name(),
-                specs.len(),
-                names.join(", ")
-            ),
-        ));
-    }
+    check_count(loss, n)?;
     if n == 0 {
         return Ok(vec![]);
     }
@@ -312,7 +298,7 @@ unsafe fn read_pointers<T>(
     let shapes = non_null(shapes, "shapes")?;
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
-        let name = loss.inputs().get(i).map_or_else(|| format!("inputs[{i}]"), |s| s.name.clone());
+        let name = input_name(loss, i);
         // SAFETY: `i < n`, and both arrays hold `n` elements.
         let (data, shape) = unsafe { (*inputs.add(i), *shapes.add(i)) };
         let (shape, len) = extents::<T>(shape, &name)?;
@@ -322,6 +308,30 @@ unsafe fn read_pointers<T>(
         out.push((shape, len, data));
     }
     Ok(out)
+}
+
+/// Checks `n` (the caller's `n_inputs`) against the loss before any array is read: it is
+/// their length by the caller's contract, and a wrong count would read past them (or
+/// reserve a vector of absurd size).
+fn check_count(loss: &crate::Loss, n: usize) -> Result<(), Failure> {
+    let specs = loss.inputs();
+    if n == specs.len() {
+        return Ok(());
+    }
+    let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+    Err(Failure::new(
+        Status::Shape,
+        format!(
+            "error: `{}` takes {} inputs ({}), but {n} were given (n_inputs)\n",
+            loss.name(),
+            specs.len(),
+            names.join(", ")
+        ),
+    ))
+}
+
+fn input_name(loss: &crate::Loss, i: usize) -> String {
+    loss.inputs().get(i).map_or_else(|| format!("inputs[{i}]"), |s| s.name.clone())
 }
 
 /// A C shape as extents and a length, or a shape failure naming the input.
@@ -730,6 +740,35 @@ pub unsafe extern "C" fn lossc_count_nonfinite(
         let counts: Vec<u64> =
             arrays.iter().map(|(_, data)| data.iter().filter(|v| !v.is_finite()).count() as u64).collect();
         unsafe { std::ptr::copy_nonoverlapping(counts.as_ptr(), counts_out, counts.len()) };
+        Ok(Status::Ok)
+    })
+}
+
+/// Checks input shapes as `lossc_eval` does, without the data: `LOSSC_STATUS_OK`, or
+/// `LOSSC_STATUS_SHAPE` with the message `lossc_eval` would give (the input, the expected
+/// and the received shapes, the broadcast rule). For callers that know the shapes before
+/// the arrays exist, such as a JAX trace. It does not check memory: a vast broadcast is
+/// refused by the evaluation itself. May run concurrently with any other call on the same
+/// loss except `lossc_free`.
+///
+/// # Safety
+/// `loss` is NULL or a live loss; `shapes` NULL or holding `n_inputs` shapes.
+#[no_mangle]
+pub unsafe extern "C" fn lossc_check_shapes(loss: *const Loss, shapes: *const Shape, n_inputs: usize) -> Status {
+    boundary(|| {
+        // SAFETY (this block): the caller's contract, as documented above.
+        let loss = unsafe { borrow(loss, "loss") }?;
+        check_count(&loss.loss, n_inputs)?;
+        let mut all = Vec::with_capacity(n_inputs);
+        if n_inputs > 0 {
+            let shapes = non_null(shapes, "shapes")?;
+            for i in 0..n_inputs {
+                // SAFETY: `i < n_inputs`, the length of `shapes`.
+                let (shape, _) = extents::<f32>(unsafe { *shapes.add(i) }, &input_name(&loss.loss, i))?;
+                all.push(shape);
+            }
+        }
+        loss.loss.extents(&all)?;
         Ok(Status::Ok)
     })
 }

@@ -13,7 +13,8 @@ use crate::error::Error;
 use crate::ir::{print_graph, Graph, NodeId, Op};
 use crate::runtime::{self, Backend};
 use crate::stdlib::stdlib;
-use crate::syntax::{self, ast::SourceItem};
+use crate::syntax;
+use crate::syntax::ast::{Expr, ExprKind, SourceItem};
 use crate::tensor::{Tensor, View};
 
 /// A parsed source: a stdlib name, a bare expression, or loss definitions.
@@ -40,6 +41,20 @@ impl Program {
             Ok(item) => item,
             Err(d) => return Err(fail(d, files)),
         };
+        if let SourceItem::Expr(Expr { kind: ExprKind::Name(name), span, .. }) = &item {
+            // As an expression a lone name is an input, never a scalar: it meant a stdlib loss.
+            let mut d = Diagnostic::new(
+                "check::unknown_loss",
+                *span,
+                format!("`{name}` is not a loss in the standard library"),
+            )
+            .label("not a stdlib loss");
+            d = match check::closest(name, stdlib().defs.iter().map(|d| d.name.name.as_str())) {
+                Some(s) => d.help(format!("did you mean `{s}`?")),
+                None => d.help("`lossc list` shows the standard losses"),
+            };
+            return Err(fail(d, files));
+        }
         let name = match &item {
             SourceItem::Expr(_) => "expr".to_string(),
             SourceItem::Defs(defs) => {
@@ -449,6 +464,16 @@ pub fn parse_params(text: &str) -> Result<Vec<(String, f64)>, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lone_name_that_is_no_stdlib_loss_gets_a_suggestion() {
+        let err = Loss::compile("dcie", "").err().expect("no such loss").render();
+        assert!(err.contains("`dcie` is not a loss in the standard library"), "{err}");
+        assert!(err.contains("did you mean `dice`?"), "{err}");
+        let err = Loss::compile(" zzzqqq\n", "").err().expect("no such loss").render();
+        assert!(err.contains("`lossc list` shows the standard losses"), "{err}");
+        assert!(Loss::compile(" dice\n", "").is_ok());
+    }
 
     #[test]
     fn terms_of_a_sum_add_up_to_the_loss() {

@@ -145,12 +145,22 @@ def stdlib():
 def _params_text(params):
     items = []
     for name, value in params.items():
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise ParamsError(f"hyperparameter `{name}` must be a number, got {value!r}") from None
-        items.append(f"{name}={number!r}")
+        if not name.isidentifier():
+            raise ParamsError(f"{name!r} is not a hyperparameter name")
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise ParamsError(f"hyperparameter `{name}` must be a number, got {value!r}")
+        items.append(f"{name}={float(value)!r}")
     return ",".join(items)
+
+
+def _as_real(name, a):
+    """`a` as an array lossc can convert: real numbers, bools, or ml_dtypes' floats (bfloat16)."""
+    a = np.asarray(a)
+    kind = a.dtype.kind
+    if kind in "biuf" or (kind == "V" and "float" in a.dtype.name):
+        return a
+    what = "complex numbers" if kind == "c" else f"dtype {a.dtype}"
+    raise TypeError(f"input `{name}` holds {what}; lossc takes real numbers")
 
 
 class Loss:
@@ -171,6 +181,8 @@ class Loss:
                 source = f.read()
         if not isinstance(source, str):
             raise TypeError(f"a loss source is a str (or a path), not {type(source).__name__}")
+        if "\0" in source:
+            raise ValueError("a loss source cannot contain a NUL character")
         self._source = source
         self._params = dict(params)
         handle = ctypes.c_void_p()
@@ -192,6 +204,17 @@ class Loss:
     def __repr__(self):
         params = "".join(f", {k}={v!r}" for k, v in self._params.items())
         return f"lossc.Loss({self._source!r}{params})  # {self.name}({', '.join(self.inputs)})"
+
+    def with_params(self, **params):
+        """The same source with these hyperparameters changed (the others kept)."""
+        return Loss(self._source, **{**self._params, **params}) if params else self
+
+    def check_shapes(self, *shapes):
+        """Raises `ShapeError` (with `lossc_eval`'s message) unless arrays of these shapes,
+        in the inputs' order, are valid inputs; reads no data."""
+        n = len(shapes)
+        array = (Shape * max(n, 1))(*(Shape(*layout(s)) for s in shapes))
+        _check(lib.lossc_check_shapes(self._handle, array, n))
 
     def show(self):
         """The canonical printed form of the loss (stable text, for snapshot tests)."""
@@ -217,7 +240,9 @@ class Loss:
         `wrt` names the inputs to differentiate, by name or position (default: all);
         `grads` holds one array per entry of `wrt`, shaped like its input. `out` may give
         the arrays to write them into (float32, or float64 with `reference=True`;
-        C-contiguous, of the input's size), to save allocating them on every call.
+        C-contiguous, of the input's shape), to save allocating them on every call. Ask
+        only for the gradients you need: that of an input broadcast against the others
+        (an extent of 1 where they have more) runs on a slower engine.
         Gradients come back in float32 (float64 with `reference=True`); cast them as
         you need.
         """
@@ -253,7 +278,7 @@ class Loss:
                 if item not in self.inputs:
                     raise ValueError(f"`{item}` is not an input of {self.name}({', '.join(self.inputs)})")
                 positions.append(self.inputs.index(item))
-            elif isinstance(item, (int, np.integer)) and 0 <= item < len(self.inputs):
+            elif isinstance(item, (int, np.integer)) and not isinstance(item, bool) and 0 <= item < len(self.inputs):
                 positions.append(int(item))
             else:
                 raise ValueError(f"{item!r} names no input of {self.name}({', '.join(self.inputs)})")
@@ -263,12 +288,8 @@ class Loss:
 
     def _marshal(self, arrays, dtype):
         """Contiguous arrays of `dtype`, their shapes and a C array of their pointers."""
-        inputs = []
-        for name, a in zip(self.inputs + tuple(f"#{i}" for i in range(len(arrays))), arrays):
-            a = np.asarray(a)
-            if not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
-                raise TypeError(f"input `{name}` has dtype {a.dtype}; lossc takes numbers")
-            inputs.append(np.ascontiguousarray(a, dtype=dtype))
+        names = self.inputs + tuple(f"#{i}" for i in range(len(self.inputs), len(arrays)))
+        inputs = [np.ascontiguousarray(_as_real(name, a), dtype=dtype) for name, a in zip(names, arrays)]
         shapes = (Shape * max(len(inputs), 1))(*(Shape(*layout(a.shape)) for a in inputs))
         ptr_type = ctypes.POINTER(ctypes.c_float if dtype == np.float32 else ctypes.c_double)
         pointers = (ptr_type * max(len(inputs), 1))(*(a.ctypes.data_as(ptr_type) for a in inputs))
@@ -305,8 +326,8 @@ class Loss:
                 f"got {given.dtype}{'' if given.flags.c_contiguous else ', not contiguous'}"
                 f"{'' if given.flags.writeable else ', read-only'}"
             )
-        if given.size != like.size:
-            raise ValueError(f"`out` for `{self.inputs[i]}` holds {given.size} values; the input has {like.size}")
+        if given.shape != like.shape:
+            raise ValueError(f"`out` for `{self.inputs[i]}` has shape {given.shape}; the input has {like.shape}")
         if any(np.may_share_memory(given, a) for a in inputs):
             raise ValueError(f"`out` for `{self.inputs[i]}` overlaps an input")
         if any(g is not None and np.may_share_memory(given, g) for g in taken):

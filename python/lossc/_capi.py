@@ -47,6 +47,7 @@ _SIGNATURES = {
         _Status,
         [_Handle, ctypes.POINTER(_FloatP), ctypes.POINTER(Shape), ctypes.c_size_t, ctypes.POINTER(ctypes.c_uint64)],
     ),
+    "lossc_check_shapes": (_Status, [_Handle, ctypes.POINTER(Shape), ctypes.c_size_t]),
     "lossc_num_terms": (ctypes.c_size_t, [_Handle]),
     "lossc_term_text": (ctypes.c_char_p, [_Handle, ctypes.c_size_t]),
     "lossc_eval_terms": (

@@ -8,8 +8,11 @@ Arrays are laid out as for `lossc.Loss` (`[N, C, *spatial]`). The loss runs on t
 through `jax.pure_callback`: under `jax.grad`, one call computes the value and the
 gradients of exactly the inputs being differentiated (lossc's fused sweeps), and the
 backward pass only scales them. The value is float32 (float64 for `reference=True`
-with `jax_enable_x64`); gradients come in each input's dtype. `jax.vmap` evaluates the
-loss once per mapped element. Higher-order derivatives are not available (the
+with `jax_enable_x64`); gradients come in each input's dtype. Shapes are checked when
+the function is traced: a mismatch raises `lossc.ShapeError` there. `jax.vmap`
+evaluates the loss once per mapped element, laid out by that element's own shape: a
+per-example `[C, H, W]` reads as batch C, so map over `[N, 1, C, H, W]` (`x[:, None]`)
+to keep each example's class axis. Higher-order derivatives are refused (the
 gradients are computed, not traced).
 """
 
@@ -29,17 +32,23 @@ def function(source, reference=False, **params):
     keyword arguments override hyperparameters. `reference=True` evaluates with lossc's
     float64 reference evaluator (exact and slow).
     """
-    loss = source if isinstance(source, _lossc.Loss) else _lossc.Loss(source, **params)
+    loss = source.with_params(**params) if isinstance(source, _lossc.Loss) else _lossc.Loss(source, **params)
     count = len(loss.inputs)
 
     def out_dtype():
         return jnp.float64 if reference and jax.config.jax_enable_x64 else jnp.float32
 
     def check(args):
+        # At trace time, so that a mistake raises lossc's own error here, not a runtime
+        # error from inside the callback.
         if len(args) != count:
             raise TypeError(
                 f"{loss.name} takes {count} inputs ({', '.join(loss.inputs)}), but {len(args)} were given"
             )
+        for name, a in zip(loss.inputs, args):
+            if jnp.issubdtype(jnp.result_type(a), jnp.complexfloating):
+                raise TypeError(f"input `{name}` holds complex numbers; lossc takes real numbers")
+        loss.check_shapes(*(jnp.shape(a) for a in args))
 
     def value_only(*arrays):
         return np.asarray(loss(*arrays, reference=reference), dtype=out_dtype())

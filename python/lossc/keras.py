@@ -9,7 +9,9 @@ this class swaps them). Keras images are channels-last (`[N, H, W, C]`): the cla
 is moved to position 1 before lossc sees them, following
 `keras.config.image_data_format()` unless `channels_last` is given. The loss is already
 a scalar over the whole batch, so `sample_weight` is refused: give a mask or weights as
-an input of the loss instead (e.g. `mean(bce_logits_elements(x, y), mask = m)`).
+an input of the loss instead (e.g. `mean(bce_logits_elements(x, y), mask = m)`). Targets
+may leave out a class axis of extent 1 (`[N, H, W]` for a `[N, H, W, 1]` prediction).
+The class is registered with Keras, so a saved model loads with its loss.
 """
 
 import keras
@@ -21,12 +23,16 @@ __all__ = ["Loss"]
 _BACKENDS = ("jax", "torch")
 
 
+@keras.saving.register_keras_serializable(package="lossc")
 class Loss(keras.losses.Loss):
     """`Loss(source, **params)`: a stdlib name, an expression or loss definitions, with
     hyperparameter overrides, e.g. `Loss("tversky", alpha=0.3, beta=0.7)`."""
 
     def __init__(self, source, channels_last=None, name=None, reduction="sum_over_batch_size", dtype=None, **params):
-        self.lossc_loss = source if isinstance(source, _lossc.Loss) else _lossc.Loss(source, **params)
+        if isinstance(source, _lossc.Loss):
+            self.lossc_loss = source.with_params(**params)
+        else:
+            self.lossc_loss = _lossc.Loss(source, **params)
         inputs = self.lossc_loss.inputs
         if len(inputs) != 2:
             raise ValueError(
@@ -37,7 +43,6 @@ class Loss(keras.losses.Loss):
         if backend not in _BACKENDS:
             raise ValueError(f"lossc.keras runs on the {' and '.join(_BACKENDS)} backends, not on {backend}")
         super().__init__(name=name or f"lossc_{self.lossc_loss.name}", reduction=reduction, dtype=dtype)
-        self._source, self._params = source, params
         self.channels_last = channels_last
         if backend == "jax":
             import lossc.jax
@@ -60,6 +65,9 @@ class Loss(keras.losses.Loss):
         channels_last = self.channels_last
         if channels_last is None:
             channels_last = keras.config.image_data_format() == "channels_last"
+        if len(y_true.shape) == len(y_pred.shape) - 1:
+            # Masks without the channel axis ([N, H, W] for [N, H, W, 1]), as Keras's own losses take.
+            y_true = keras.ops.expand_dims(y_true, -1 if channels_last else 1)
         if channels_last and len(y_pred.shape) >= 3:
             y_pred = keras.ops.moveaxis(y_pred, -1, 1)
             y_true = keras.ops.moveaxis(y_true, -1, 1)
@@ -67,6 +75,7 @@ class Loss(keras.losses.Loss):
 
     def get_config(self):
         config = super().get_config()
-        source = self._source if isinstance(self._source, str) else self.lossc_loss._source
-        config.update({"source": source, "channels_last": self.channels_last, **self._params})
+        config.update(
+            {"source": self.lossc_loss._source, "channels_last": self.channels_last, **self.lossc_loss._params}
+        )
         return config

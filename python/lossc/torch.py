@@ -12,14 +12,15 @@ tensors are handed to the kernels without a copy when they are contiguous float3
 CUDA tensors run through `lossc_eval_cuda` (PTX kernels, on PyTorch's current stream):
 that path has not yet run on a GPU. The result is float32 (float64 if an input is
 float64); half-precision inputs are evaluated in float32 and get gradients of their own
-dtype. A second derivative is refused (the gradients are computed, not traced).
+dtype. A second derivative (`create_graph=True`: a Hessian, a gradient penalty) is
+refused with an error: the gradients are computed, not traced. `torch.func` transforms
+are not supported.
 """
 
 import ctypes
 
 import numpy as np
 import torch
-from torch.autograd.function import once_differentiable
 
 import lossc as _lossc
 from lossc._capi import Shape, lib
@@ -45,7 +46,7 @@ class Loss(torch.nn.Module):
 
     def __init__(self, source, reference=False, **params):
         super().__init__()
-        self.loss = source if isinstance(source, _lossc.Loss) else _lossc.Loss(source, **params)
+        self.loss = source.with_params(**params) if isinstance(source, _lossc.Loss) else _lossc.Loss(source, **params)
         self.reference = reference
 
     @property
@@ -78,8 +79,10 @@ class _Evaluate(torch.autograd.Function):
         elif device.type == "cpu":
             dtype = np.float64 if reference else np.float32
             arrays = [_to_numpy(t, dtype) for t in tensors]
-            value, grads = loss.value_and_grad(*arrays, wrt=wanted, reference=reference)
-            grads = [torch.from_numpy(g) for g in grads]
+            # Gradient buffers from PyTorch's allocator (THP_MEM_ALLOC_ENABLE=1 applies).
+            grads = [torch.empty(arrays[i].shape, dtype=torch.from_numpy(arrays[i][:0]).dtype) for i in wanted]
+            out = [g.numpy() for g in grads]
+            value, _ = loss.value_and_grad(*arrays, wrt=wanted, out=out, reference=reference)
         else:
             raise ValueError(f"lossc runs on CPU and CUDA tensors, not on {device.type}")
         ctx.wanted = wanted
@@ -89,8 +92,14 @@ class _Evaluate(torch.autograd.Function):
         return torch.tensor(value, dtype=_result_dtype(tensors), device=device)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output):
+        if torch.is_grad_enabled():
+            # create_graph=True: a Hessian, a gradient penalty. The gradients are numbers,
+            # not a graph, so their derivative would silently be taken as zero.
+            raise RuntimeError(
+                "lossc.torch gives first derivatives only: the gradient of a lossc loss cannot be "
+                "differentiated again (create_graph=True)"
+            )
         out = [None] * ctx.n_inputs
         for i, g in zip(ctx.wanted, ctx.saved_tensors):
             out[i] = g * grad_output.to(g.dtype)

@@ -87,9 +87,24 @@ class AgainstJax(unittest.TestCase):
             f(jnp.ones((1, 1, 4)))
         with self.assertRaises(lossc.ParseError):
             lossc.jax.function("dice(")
-        with self.assertRaises(Exception) as caught:
-            jax.block_until_ready(f(jnp.ones((2, 1, 4)), jnp.ones((3, 1, 4))))
-        self.assertIn("along batch", str(caught.exception))
+        # Shape mistakes are found when tracing, with lossc's own error.
+        with self.assertRaisesRegex(lossc.ShapeError, "along batch"):
+            jax.jit(f)(jnp.ones((2, 1, 4)), jnp.ones((3, 1, 4)))
+        with self.assertRaisesRegex(lossc.ShapeError, "empty"):
+            jax.grad(f)(jnp.ones((2, 1, 0)), jnp.ones((2, 1, 0)))
+        with self.assertRaisesRegex(TypeError, "complex"):
+            f(jnp.ones((1, 1, 4), jnp.complex64), jnp.ones((1, 1, 4)))
+        with self.assertRaises(Exception):
+            jax.hessian(f)(jnp.full((1, 1, 3), 0.5), jnp.ones((1, 1, 3)))
+
+    def test_bfloat16_inputs_and_overrides_of_a_compiled_loss(self):
+        x, y = inputs((2, 1, 16, 16))
+        f = lossc.jax.function(lossc.Loss("focal"), gamma=1.5)
+        xb = x.astype(jnp.bfloat16)
+        g = jax.grad(f)(xb, y)
+        self.assertEqual(g.dtype, jnp.bfloat16)
+        exact = lossc.Loss("focal", gamma=1.5).value_and_grad(np.asarray(xb.astype(jnp.float32)), np.asarray(y))[1][0]
+        self.assertLess(float(jnp.abs(g.astype(jnp.float32) - exact).max()), 1e-2 * float(np.abs(exact).max()))
 
 
 if __name__ == "__main__":

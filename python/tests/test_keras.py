@@ -42,6 +42,31 @@ class KerasLoss(unittest.TestCase):
         config = model.loss.get_config()
         self.assertEqual(config["source"], SOURCE)
 
+    def test_masks_without_a_channel_axis_and_saving(self):
+        images, masks = data(4)
+        logits = images[..., :1] - 0.3 * images[..., 2:3]
+        loss = lossc.keras.Loss(SOURCE)
+        self.assertAlmostEqual(float(loss(masks[..., 0], logits)), float(loss(masks, logits)), places=6)
+        wrapped = lossc.keras.Loss(lossc.Loss("tversky", alpha=0.9), beta=0.1)
+        copy = lossc.keras.Loss.from_config(wrapped.get_config())
+        p = 1 / (1 + np.exp(-logits))
+        expected = lossc.Loss("tversky", alpha=0.9, beta=0.1)(np.moveaxis(p, -1, 1), np.moveaxis(masks, -1, 1))
+        for loss in (wrapped, copy):
+            self.assertAlmostEqual(float(loss(masks, p)), expected, places=5)
+        model = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Conv2D(1, 1)])
+        model.compile(optimizer="adam", loss=wrapped)
+        path = os.path.join(self.scratch(), "model.keras")
+        model.save(path)
+        restored = keras.models.load_model(path)
+        self.assertAlmostEqual(float(restored.loss(masks, p)), expected, places=5)
+
+    def scratch(self):
+        import tempfile
+
+        folder = tempfile.mkdtemp(prefix="lossc-keras-")
+        self.addCleanup(__import__("shutil").rmtree, folder)
+        return folder
+
     def test_refusals(self):
         with self.assertRaisesRegex(ValueError, "takes \\(prediction, target\\)"):
             lossc.keras.Loss("dice_masked")

@@ -278,6 +278,13 @@ class Errors(unittest.TestCase):
             lossc.Loss("tversky", alpha=float("nan"))
         with self.assertRaises(TypeError):
             lossc.Loss(42)
+        with self.assertRaisesRegex(lossc.CheckError, "did you mean `dice`"):
+            lossc.Loss("dcie")
+        with self.assertRaisesRegex(ValueError, "NUL"):
+            lossc.Loss("dice\0junk")
+        for bad in [{"alpha": "0.3"}, {"alpha": True}, {"alpha=0.9,beta": 0.1}]:
+            with self.assertRaises(lossc.ParamsError):
+                lossc.Loss("tversky", **bad)
 
     def test_shape_errors_name_the_inputs(self):
         loss = lossc.Loss("dice")
@@ -289,6 +296,26 @@ class Errors(unittest.TestCase):
             loss.value_and_grad(*[probabilities((4, 1, 8, 8))] * 3)
         with self.assertRaises(TypeError):
             loss(np.array(["a", "b"]), np.array(["c", "d"]))
+        with self.assertRaisesRegex(TypeError, "complex"):
+            loss(np.ones(4) + 1j, np.ones(4))
+
+    def test_shapes_are_checked_without_data(self):
+        loss = lossc.Loss("dice_multiclass_weighted")
+        loss.check_shapes((2, 3, 8, 8), (2, 3, 8, 8), (1, 3))
+        with self.assertRaisesRegex(lossc.ShapeError, "along spatial"):
+            loss.check_shapes((2, 3, 8, 8), (2, 3, 8, 9), (1, 3))
+        with self.assertRaisesRegex(lossc.ShapeError, "may vary only over class"):
+            loss.check_shapes((2, 3, 8, 8), (2, 3, 8, 8), (2, 3))
+        with self.assertRaisesRegex(lossc.ShapeError, "but 2 were given"):
+            loss.check_shapes((2, 3, 8, 8), (2, 3, 8, 8))
+
+    def test_with_params_keeps_the_others(self):
+        loss = lossc.Loss("focal_tversky", alpha=0.3, beta=0.7)
+        changed = loss.with_params(gamma=2)
+        p, y = probabilities((1, 1, 30)), masks((1, 1, 30))
+        exact = p.astype(np.float32).astype(np.float64)
+        self.assertAlmostEqual(changed(p, y), tversky(exact, y, 0.3, 0.7) ** 2, places=6)
+        self.assertIs(loss.with_params(), loss)
 
     def test_bad_requests_for_gradients(self):
         loss = lossc.Loss("dice")
@@ -301,9 +328,11 @@ class Errors(unittest.TestCase):
             loss.value_and_grad(p, y, wrt="p")
         with self.assertRaisesRegex(ValueError, "float32"):
             loss.value_and_grad(p, y, wrt=["p"], out=[np.empty(8)])
-        with self.assertRaisesRegex(ValueError, "holds 7 values"):
-            loss.value_and_grad(p, y, wrt=["p"], out=[np.empty(7, dtype=np.float32)])
-        shared = np.empty(8, dtype=np.float32)
+        with self.assertRaisesRegex(ValueError, r"has shape \(8,\); the input has \(1, 1, 8\)"):
+            loss.value_and_grad(p, y, wrt=["p"], out=[np.empty(8, dtype=np.float32)])
+        with self.assertRaisesRegex(ValueError, "names no input"):
+            loss.value_and_grad(p, y, wrt=[True])
+        shared = np.empty((1, 1, 8), dtype=np.float32)
         with self.assertRaisesRegex(ValueError, "overlaps"):
             loss.value_and_grad(p, y, out=[shared, shared])
         p32 = p.astype(np.float32)

@@ -156,11 +156,18 @@ class Behaviour(unittest.TestCase):
             criterion(torch.rand(2, 1, 8, 8), torch.rand(3, 1, 8, 8))
         with self.assertRaises(lossc.ParamsError):
             lossc.torch.Loss("dice", smoth=1)
+        # Overrides apply to a compiled loss too.
+        p, y = torch.rand(2, 1, 6, 6), torch.rand(2, 1, 6, 6)
+        base = lossc.Loss("tversky")
+        self.assertEqual(lossc.torch.Loss(base, alpha=0.9, beta=0.1)(p, y).item(),
+                         lossc.torch.Loss("tversky", alpha=0.9, beta=0.1)(p, y).item())
+        # No second derivative: refused, not silently zero.
         x = torch.rand(2, 1, 4, 4, requires_grad=True)
-        value = lossc.torch.Loss("dice")(x, torch.rand(2, 1, 4, 4))
-        (grad,) = torch.autograd.grad(value, x, create_graph=True)
-        with self.assertRaises(RuntimeError):
-            grad.sum().backward()  # no second derivative: refused, not silently zero
+        y = torch.rand(2, 1, 4, 4)
+        with self.assertRaisesRegex(RuntimeError, "first derivatives only"):
+            torch.autograd.grad(lossc.torch.Loss("dice")(x, y), x, create_graph=True)
+        with self.assertRaisesRegex(RuntimeError, "first derivatives only"):
+            torch.autograd.functional.hessian(lambda a: lossc.torch.Loss("dice")(a, y), x.detach())
         self.assertTrue(np.isnan(criterion(torch.full((1, 1, 3), float("nan")), torch.rand(1, 1, 3)).item()))
 
 

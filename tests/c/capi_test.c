@@ -362,6 +362,20 @@ static void check_eval_errors(const case_t *c) {
     expect_failure(st, LOSSC_STATUS_NULL_ARGUMENT, "`counts_out`", "count_nonfinite: NULL counts_out");
     CHECK(counts[0] == 7 && counts[1] == 7, "a failed count wrote its output");
 
+    /* Shapes alone, as a JAX trace checks them: the same verdicts as lossc_eval. */
+    st = lossc_check_shapes(loss, shapes, 2);
+    CHECK(st == LOSSC_STATUS_OK, "check_shapes: %s", lossc_last_error());
+    st = lossc_check_shapes(loss, shorter, 2);
+    expect_failure(st, LOSSC_STATUS_SHAPE, "broadcast", "check_shapes: mismatched shapes");
+    st = lossc_check_shapes(loss, empty, 2);
+    expect_failure(st, LOSSC_STATUS_SHAPE, "empty", "check_shapes: an empty input");
+    st = lossc_check_shapes(loss, shapes, 3);
+    expect_failure(st, LOSSC_STATUS_SHAPE, "but 3 were given", "check_shapes: a wrong count");
+    st = lossc_check_shapes(loss, NULL, 2);
+    expect_failure(st, LOSSC_STATUS_NULL_ARGUMENT, "`shapes`", "check_shapes: NULL shapes");
+    st = lossc_check_shapes(NULL, shapes, 2);
+    expect_failure(st, LOSSC_STATUS_NULL_ARGUMENT, "`loss`", "check_shapes: NULL loss");
+
     double terms[1];
     st = lossc_eval_terms(loss, inputs, shapes, 2, NULL, 1, &value);
     expect_failure(st, LOSSC_STATUS_NULL_ARGUMENT, "`terms_out`", "eval_terms: NULL terms_out");
