@@ -338,7 +338,7 @@ def child_env(threads, library_dir):
     env["JAX_PLATFORMS"] = "cpu"
     # The lossc.torch peer: the package from python/ on the release library beside --lossc.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "python"), env.get("PYTHONPATH")]))
-    env.setdefault("LOSSC_LIBRARY", str(Path(library_dir) / "liblossc.so"))
+    env["LOSSC_LIBRARY"] = str(Path(library_dir) / "liblossc.so")
     return env
 
 

@@ -388,24 +388,33 @@ fn python_ctypes() {
 
 /// The Python package (python/lossc: NumPy, PyTorch, JAX and Keras layers) on this
 /// build of liblossc: its unittest suite, against formulas written in each framework.
+/// With NumPy but not every framework, only the NumPy tests run (locally; CI has all).
 #[test]
 fn python_package() {
     if !tools(&["python3"]) {
         return;
     }
-    let modules = "import numpy, torch, jax, keras";
-    let probe = Command::new("python3").args(["-c", modules]).env("KERAS_BACKEND", "jax").output();
-    let found = probe.is_ok_and(|o| o.status.success());
-    if !found {
-        let message = "python3 cannot `import numpy, torch, jax, keras` (pip install numpy torch 'jax[cpu]' keras)";
-        assert!(!std::env::var("LOSSC_REQUIRE_TOOLS").is_ok_and(|v| v == "1"), "LOSSC_REQUIRE_TOOLS=1 but {message}");
-        eprintln!("SKIPPED: {message}");
-        return;
-    }
+    let imports = |modules: &str| {
+        let probe =
+            Command::new("python3").args(["-c", &format!("import {modules}")]).env("KERAS_BACKEND", "jax").output();
+        probe.is_ok_and(|o| o.status.success())
+    };
+    let require = std::env::var("LOSSC_REQUIRE_TOOLS").is_ok_and(|v| v == "1");
     let mut cmd = Command::new("python3");
-    cmd.current_dir(root("python"))
-        .args(["-m", "unittest", "discover", "-s", "tests", "-v"])
-        .env("LOSSC_LIBRARY", lib_dir().join("liblossc.so"))
+    cmd.current_dir(root("python")).args(["-m", "unittest"]);
+    if imports("numpy, torch, jax, keras") {
+        cmd.args(["discover", "-s", "tests", "-v"]);
+    } else {
+        let message = "python3 cannot `import numpy, torch, jax, keras` (pip install numpy torch 'jax[cpu]' keras)";
+        assert!(!require, "LOSSC_REQUIRE_TOOLS=1 but {message}");
+        if !imports("numpy") {
+            eprintln!("SKIPPED: {message}");
+            return;
+        }
+        eprintln!("SKIPPED the framework tests: {message}");
+        cmd.args(["-v", "tests/test_numpy.py"]);
+    }
+    cmd.env("LOSSC_LIBRARY", lib_dir().join("liblossc.so"))
         .env("PYTHONPATH", root("python"))
         .env("KERAS_BACKEND", "jax");
     run(&mut cmd);

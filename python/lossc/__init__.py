@@ -37,9 +37,10 @@ __all__ = [
     "DeviceError",
     "stdlib",
     "layout",
+    "as_loss",
 ]
 
-__version__ = lib.lossc_version().decode()
+from ._version import __version__  # noqa: E402 (checked against the library's by _capi)
 
 
 class LosscError(Exception):
@@ -140,6 +141,13 @@ def stdlib():
     """The standard library: {name: signature}, e.g. {"dice": "dice(p, y; smooth = 1)", ...}."""
     count = lib.lossc_stdlib_count()
     return {lib.lossc_stdlib_name(i).decode(): lib.lossc_stdlib_signature(i).decode() for i in range(count)}
+
+
+def as_loss(source, **params):
+    """`source` if it is a `Loss` and no hyperparameter changes, else a `Loss` of it with them."""
+    if isinstance(source, Loss):
+        return source.with_params(**params)
+    return Loss(source, **params)
 
 
 def _params_text(params):
@@ -252,7 +260,8 @@ class Loss:
         return self._evaluate(arrays, wanted, out, reference)
 
     def count_nonfinite(self, *arrays):
-        """The number of NaN and infinite values in each input: {name: count}."""
+        """The number of NaN and infinite values in each input as the kernels see it, in
+        float32 (a float64 value beyond float32's range counts as infinite): {name: count}."""
         inputs, shapes, pointers = self._marshal(arrays, np.float32)
         counts = (ctypes.c_uint64 * len(inputs))()
         _check(lib.lossc_count_nonfinite(self._handle, pointers, shapes, len(inputs), counts))
@@ -289,7 +298,11 @@ class Loss:
     def _marshal(self, arrays, dtype):
         """Contiguous arrays of `dtype`, their shapes and a C array of their pointers."""
         names = self.inputs + tuple(f"#{i}" for i in range(len(self.inputs), len(arrays)))
-        inputs = [np.ascontiguousarray(_as_real(name, a), dtype=dtype) for name, a in zip(names, arrays)]
+        inputs = []
+        for name, a in zip(names, arrays):
+            a = _as_real(name, a)
+            # np.ascontiguousarray makes a 0-d array 1-d: keep the shape, for the gradient's.
+            inputs.append(np.ascontiguousarray(a, dtype=dtype).reshape(a.shape))
         shapes = (Shape * max(len(inputs), 1))(*(Shape(*layout(a.shape)) for a in inputs))
         ptr_type = ctypes.POINTER(ctypes.c_float if dtype == np.float32 else ctypes.c_double)
         pointers = (ptr_type * max(len(inputs), 1))(*(a.ctypes.data_as(ptr_type) for a in inputs))

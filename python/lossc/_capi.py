@@ -9,6 +9,8 @@ import ctypes.util
 import glob
 import os
 
+from ._version import __version__
+
 
 class Shape(ctypes.Structure):
     _fields_ = [("batch", ctypes.c_int64), ("classes", ctypes.c_int64), ("spatial", ctypes.c_int64)]
@@ -80,18 +82,23 @@ def _candidates():
 
 
 def load():
-    """Loads liblossc and declares its functions; raises ImportError with what was tried."""
+    """Loads liblossc of this package's version and declares its functions; raises
+    ImportError with what was tried."""
     tried = []
     for path in _candidates():
         try:
             lib = ctypes.CDLL(path)
-        except OSError as e:
+            for name, (restype, argtypes) in _SIGNATURES.items():
+                fn = getattr(lib, name)
+                fn.restype = restype
+                fn.argtypes = argtypes
+        except (OSError, AttributeError) as e:
             tried.append(f"{path}: {e}")
             continue
-        for name, (restype, argtypes) in _SIGNATURES.items():
-            fn = getattr(lib, name)
-            fn.restype = restype
-            fn.argtypes = argtypes
+        version = lib.lossc_version().decode()
+        if version != __version__:
+            tried.append(f"{path}: liblossc {version}, not {__version__}")
+            continue
         return lib
     detail = "; ".join(tried) if tried else "no library found"
     raise ImportError(

@@ -32,7 +32,7 @@ def function(source, reference=False, **params):
     keyword arguments override hyperparameters. `reference=True` evaluates with lossc's
     float64 reference evaluator (exact and slow).
     """
-    loss = source.with_params(**params) if isinstance(source, _lossc.Loss) else _lossc.Loss(source, **params)
+    loss = _lossc.as_loss(source, **params)
     count = len(loss.inputs)
 
     def out_dtype():

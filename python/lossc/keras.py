@@ -29,10 +29,7 @@ class Loss(keras.losses.Loss):
     hyperparameter overrides, e.g. `Loss("tversky", alpha=0.3, beta=0.7)`."""
 
     def __init__(self, source, channels_last=None, name=None, reduction="sum_over_batch_size", dtype=None, **params):
-        if isinstance(source, _lossc.Loss):
-            self.lossc_loss = source.with_params(**params)
-        else:
-            self.lossc_loss = _lossc.Loss(source, **params)
+        self.lossc_loss = _lossc.as_loss(source, **params)
         inputs = self.lossc_loss.inputs
         if len(inputs) != 2:
             raise ValueError(

@@ -9,8 +9,8 @@ Tensors are laid out as for `lossc.Loss`: `[N, C, *spatial]` (PyTorch's NCHW). T
 forward pass computes the value and, for every input that requires a gradient, that
 gradient, in one call (lossc's fused sweeps); the backward pass only scales them. CPU
 tensors are handed to the kernels without a copy when they are contiguous float32.
-CUDA tensors run through `lossc_eval_cuda` (PTX kernels, on PyTorch's current stream):
-that path has not yet run on a GPU. The result is float32 (float64 if an input is
+CUDA tensors run through `lossc_eval_cuda` (PTX kernels, on PyTorch's current stream;
+Keras on the PyTorch backend takes this path too on a GPU): it has not yet run on one. The result is float32 (float64 if an input is
 float64); half-precision inputs are evaluated in float32 and get gradients of their own
 dtype. A second derivative (`create_graph=True`: a Hessian, a gradient penalty) is
 refused with an error: the gradients are computed, not traced. `torch.func` transforms
@@ -32,8 +32,19 @@ def evaluate(loss, *tensors, reference=False):
     """The loss (a `lossc.Loss`) on tensors, as a 0-d tensor that autograd can differentiate."""
     if not isinstance(loss, _lossc.Loss):
         raise TypeError(f"`loss` is a lossc.Loss, not {type(loss).__name__}")
-    tensors = tuple(t if isinstance(t, torch.Tensor) else torch.as_tensor(np.asarray(t)) for t in tensors)
+    if len(tensors) != len(loss.inputs):
+        # Here, before autograd: lossc's own message, whatever requires a gradient.
+        loss.check_shapes(*(np.shape(t) for t in tensors))
+    tensors = tuple(t if isinstance(t, torch.Tensor) else _as_tensor(t) for t in tensors)
     return _Evaluate.apply(loss, reference, *tensors)
+
+
+def _as_tensor(value):
+    """A Python number or array as a tensor; floats in the default dtype (float32), as
+    PyTorch's own operators take them."""
+    array = np.asarray(value)
+    dtype = torch.get_default_dtype() if array.dtype.kind == "f" else None
+    return torch.as_tensor(array, dtype=dtype)
 
 
 class Loss(torch.nn.Module):
@@ -46,7 +57,7 @@ class Loss(torch.nn.Module):
 
     def __init__(self, source, reference=False, **params):
         super().__init__()
-        self.loss = source.with_params(**params) if isinstance(source, _lossc.Loss) else _lossc.Loss(source, **params)
+        self.loss = _lossc.as_loss(source, **params)
         self.reference = reference
 
     @property

@@ -3,6 +3,7 @@ lossc's sources), against finite differences, and on bad input."""
 
 import pickle
 import re
+import tempfile
 import threading
 import unittest
 from pathlib import Path
@@ -208,21 +209,26 @@ class Interface(unittest.TestCase):
         self.assertAlmostEqual(terms[1], bce_logits(x.astype(np.float32).astype(np.float64), y), places=6)
 
     def test_a_loss_file_and_the_stdlib_listing(self):
-        path = Path(__file__).parent / "my_tversky.loss"
-        path.write_text("loss my_tversky(p, y; alpha = 0.3) = tversky(p, y, alpha = alpha, beta = 1 - alpha);\n")
-        try:
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "my_tversky.loss"
+            path.write_text("loss my_tversky(p, y; alpha = 0.3) = tversky(p, y, alpha = alpha, beta = 1 - alpha);\n")
             loss = lossc.Loss(path, alpha=0.2)
-        finally:
-            path.unlink()
         p, y = probabilities((1, 1, 40)), masks((1, 1, 40))
         self.assertAlmostEqual(loss(p, y), tversky(p.astype(np.float32).astype(np.float64), y, 0.2, 0.8), places=6)
         library = lossc.stdlib()
         self.assertEqual(library["dice"], "dice(p, y; smooth = 1)")
         self.assertGreaterEqual(len(library), 30)
 
-    def test_version_matches_the_package(self):
-        text = (Path(__file__).parents[1] / "pyproject.toml").read_text()
-        self.assertEqual(re.search(r'^version = "(.*)"', text, re.M).group(1), lossc.__version__)
+    def test_version_matches_the_library_and_the_crate(self):
+        self.assertEqual(lossc._capi.lib.lossc_version().decode(), lossc.__version__)
+        cargo = (Path(__file__).parents[2] / "Cargo.toml").read_text()
+        self.assertEqual(re.search(r'^version = "(.*)"', cargo, re.M).group(1), lossc.__version__)
+
+    def test_zero_dimensional_inputs_get_zero_dimensional_gradients(self):
+        value, (dx, dy) = lossc.Loss("bce_logits").value_and_grad(np.float32(0.3), np.float32(1))
+        self.assertEqual((dx.shape, dy.shape), ((), ()))
+        self.assertAlmostEqual(float(dx), sigmoid(np.float64(np.float32(0.3))) - 1, places=6)
+        self.assertAlmostEqual(value, softplus(-np.float64(np.float32(0.3))), places=6)
 
     def test_gradients_into_given_buffers_and_integer_labels(self):
         x, y = logits((2, 1, 30)), masks((2, 1, 30)).astype(np.int64)

@@ -156,6 +156,10 @@ class Behaviour(unittest.TestCase):
             criterion(torch.rand(2, 1, 8, 8), torch.rand(3, 1, 8, 8))
         with self.assertRaises(lossc.ParamsError):
             lossc.torch.Loss("dice", smoth=1)
+        with self.assertRaisesRegex(lossc.ShapeError, "takes 2 inputs"):
+            criterion(*[torch.rand(1, 1, 4, requires_grad=True)] * 3)
+        # A Python number is a float32 input, as in PyTorch's operators.
+        self.assertEqual(lossc.torch.Loss("bce_logits")(torch.rand(1, 1, 4), 0.5).dtype, torch.float32)
         # Overrides apply to a compiled loss too.
         p, y = torch.rand(2, 1, 6, 6), torch.rand(2, 1, 6, 6)
         base = lossc.Loss("tversky")

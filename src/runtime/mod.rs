@@ -126,8 +126,9 @@ fn available_memory() -> Option<u64> {
 /// The memory left under the limits of the control groups in `membership` (the text of
 /// /proc/self/cgroup) and of every group above them, the smallest headroom of all: cgroup
 /// v2's `memory.max - memory.current` and v1's `memory.limit_in_bytes -
-/// memory.usage_in_bytes`, under `root`. `None` where no group sets a limit (v2 writes
-/// "max", v1 a number near 2^63).
+/// memory.usage_in_bytes`, under `root`, counting the group's inactive file cache as free
+/// (the kernel reclaims it before it fails an allocation; MemAvailable counts it too).
+/// `None` where no group sets a limit (v2 writes "max", v1 a number near 2^63).
 fn cgroup_headroom(root: &Path, membership: &str) -> Option<u64> {
     let mut headroom: Option<u64> = None;
     for line in membership.lines() {
@@ -136,19 +137,27 @@ fn cgroup_headroom(root: &Path, membership: &str) -> Option<u64> {
         let (Some(_), Some(controllers), Some(path)) = (fields.next(), fields.next(), fields.next()) else {
             continue;
         };
-        let (base, limit_file, usage_file) = if controllers.is_empty() {
-            (root.to_path_buf(), "memory.max", "memory.current")
+        let (base, limit_file, usage_file, cache_stat) = if controllers.is_empty() {
+            (root.to_path_buf(), "memory.max", "memory.current", "inactive_file")
         } else if controllers.split(',').any(|c| c == "memory") {
-            (root.join("memory"), "memory.limit_in_bytes", "memory.usage_in_bytes")
+            (root.join("memory"), "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
         } else {
             continue;
         };
         let mut dir = base.join(path.trim_start_matches('/'));
         loop {
-            let read = |file: &str| std::fs::read_to_string(dir.join(file)).ok()?.trim().parse::<u64>().ok();
-            if let (Some(limit), Some(usage)) = (read(limit_file), read(usage_file)) {
+            let read = |file: &str| std::fs::read_to_string(dir.join(file)).ok();
+            let number = |file: &str| read(file)?.trim().parse::<u64>().ok();
+            if let (Some(limit), Some(usage)) = (number(limit_file), number(usage_file)) {
                 if limit < 1 << 62 {
-                    let left = limit.saturating_sub(usage);
+                    // memory.stat: one "name value" per line.
+                    let cache = read("memory.stat")
+                        .and_then(|stat| {
+                            let line = stat.lines().find(|l| l.split_whitespace().next() == Some(cache_stat))?;
+                            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+                        })
+                        .unwrap_or(0);
+                    let left = limit.saturating_sub(usage.saturating_sub(cache));
                     headroom = Some(headroom.map_or(left, |h| h.min(left)));
                 }
             }
@@ -289,6 +298,9 @@ mod tests {
         write(&root, "v2/box/job/memory.max", "max\n");
         write(&root, "v2/box/job/memory.current", "300000\n");
         assert_eq!(cgroup_headroom(&root.join("v2"), "0::/box/job\n"), Some(600000));
+        // Inactive file cache counts as free: 250000 of the box's 400000 in use.
+        write(&root, "v2/box/memory.stat", "anon 100000\ninactive_file 250000\nactive_file 50000\n");
+        assert_eq!(cgroup_headroom(&root.join("v2"), "0::/box/job\n"), Some(850000));
         assert_eq!(cgroup_headroom(&root.join("v2"), "0::/elsewhere\n"), None);
         // v1: only the memory controller's line counts; "unlimited" is a number near 2^63.
         write(&root, "v1/memory/job/memory.limit_in_bytes", "5000000\n");
@@ -297,6 +309,8 @@ mod tests {
         write(&root, "v1/memory/free/memory.usage_in_bytes", "1000000\n");
         let v1 = root.join("v1");
         assert_eq!(cgroup_headroom(&v1, "5:cpu:/job\n4:memory:/job\n0::/\n"), Some(4000000));
+        write(&root, "v1/memory/job/memory.stat", "inactive_file 7\ntotal_inactive_file 600000\n");
+        assert_eq!(cgroup_headroom(&v1, "4:memory:/job\n"), Some(4600000));
         assert_eq!(cgroup_headroom(&v1, "4:memory:/free\n"), None);
         assert_eq!(cgroup_headroom(&v1, "garbage\n4:memory\n"), None);
         std::fs::remove_dir_all(&root).expect("clean up");
