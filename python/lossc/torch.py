@@ -79,28 +79,12 @@ class _Evaluate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, loss, reference, *tensors):
         wanted = tuple(i for i, needs in enumerate(ctx.needs_input_grad[2:]) if needs)
-        devices = {t.device for t in tensors}
-        if len(devices) > 1:
-            raise ValueError(f"the inputs of {loss.name} are on different devices: {sorted(map(str, devices))}")
-        device = next(iter(devices)) if devices else torch.device("cpu")
-        if device.type == "cuda":
-            if reference:
-                raise ValueError("reference=True evaluates on the CPU; move the inputs there")
-            value, grads = _evaluate_cuda(loss, tensors, wanted)
-        elif device.type == "cpu":
-            dtype = np.float64 if reference else np.float32
-            arrays = [_to_numpy(t, dtype) for t in tensors]
-            # Gradient buffers from PyTorch's allocator (THP_MEM_ALLOC_ENABLE=1 applies).
-            grads = [torch.empty(arrays[i].shape, dtype=torch.from_numpy(arrays[i][:0]).dtype) for i in wanted]
-            out = [g.numpy() for g in grads]
-            value, _ = loss.value_and_grad(*arrays, wrt=wanted, out=out, reference=reference)
-        else:
-            raise ValueError(f"lossc runs on CPU and CUDA tensors, not on {device.type}")
-        ctx.wanted = wanted
-        ctx.n_inputs = len(tensors)
-        saved = [g.to(dtype=tensors[i].dtype).reshape(tensors[i].shape) for i, g in zip(wanted, grads)]
-        ctx.save_for_backward(*saved)
-        return torch.tensor(value, dtype=_result_dtype(tensors), device=device)
+        value, grads = _value_and_grad(loss, reference, tensors, wanted)
+        ctx.loss, ctx.reference, ctx.wanted, ctx.grads = loss, reference, wanted, grads
+        # The inputs, not the gradients, are saved: autograd then checks they are not changed
+        # in place before a second backward (retain_graph=True), which recomputes from them.
+        ctx.save_for_backward(*tensors)
+        return torch.tensor(value, dtype=_result_dtype(tensors), device=tensors[0].device if tensors else None)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -111,10 +95,40 @@ class _Evaluate(torch.autograd.Function):
                 "lossc.torch gives first derivatives only: the gradient of a lossc loss cannot be "
                 "differentiated again (create_graph=True)"
             )
-        out = [None] * ctx.n_inputs
-        for i, g in zip(ctx.wanted, ctx.saved_tensors):
-            out[i] = g * grad_output.to(g.dtype)
+        tensors = ctx.saved_tensors
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:  # a second backward through this graph
+            _, grads = _value_and_grad(ctx.loss, ctx.reference, tensors, ctx.wanted)
+        # The gradients are handed over, not copied: `loss.backward()` seeds 1, and any
+        # other scale is applied in place (no new buffer, one pass).
+        unit = grad_output.device.type == "cpu" and grad_output.item() == 1.0
+        out = [None] * len(tensors)
+        for i, g in zip(ctx.wanted, grads):
+            out[i] = g if unit else g.mul_(grad_output.to(g.dtype))
         return (None, None, *out)
+
+
+def _value_and_grad(loss, reference, tensors, wanted):
+    """The value (a float) and the gradients of the inputs in `wanted`, each a fresh tensor
+    of its input's dtype, shape and device."""
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        raise ValueError(f"the inputs of {loss.name} are on different devices: {sorted(map(str, devices))}")
+    device = next(iter(devices)) if devices else torch.device("cpu")
+    if device.type == "cuda":
+        if reference:
+            raise ValueError("reference=True evaluates on the CPU; move the inputs there")
+        value, grads = _evaluate_cuda(loss, tensors, wanted)
+    elif device.type == "cpu":
+        dtype = np.float64 if reference else np.float32
+        arrays = [_to_numpy(t, dtype) for t in tensors]
+        # Fresh buffers (autograd hands them to the caller), on huge pages where large.
+        out = [_lossc.empty(arrays[i].shape, dtype) for i in wanted]
+        value, _ = loss.value_and_grad(*arrays, wrt=wanted, out=out, reference=reference)
+        grads = [torch.from_numpy(g) for g in out]
+    else:
+        raise ValueError(f"lossc runs on CPU and CUDA tensors, not on {device.type}")
+    return value, [g.to(dtype=tensors[i].dtype).reshape(tensors[i].shape) for i, g in zip(wanted, grads)]
 
 
 def _to_numpy(t, dtype):

@@ -127,6 +127,20 @@ class Behaviour(unittest.TestCase):
         expected = 3 * (torch.sigmoid(x.detach()) - y) / y.numel()
         self.assertLess((x.grad - expected).abs().max().item(), 1e-5 * expected.abs().max().item())
 
+    def test_a_second_backward_recomputes_and_in_place_changes_are_caught(self):
+        x, y = inputs((2, 1, 16, 16))
+        x.requires_grad_()
+        value = lossc.torch.Loss("focal")(x, y)
+        (first,) = torch.autograd.grad(value, x, retain_graph=True)
+        expected = first.clone()
+        first.zero_()  # the caller owns the gradient it was given
+        (second,) = torch.autograd.grad(2 * value, x, retain_graph=True)
+        self.assertTrue(torch.equal(second, 2 * expected))
+        with torch.no_grad():
+            x.add_(1)
+        with self.assertRaisesRegex(RuntimeError, "modified by an inplace operation"):
+            torch.autograd.grad(value, x)
+
     def test_a_model_learns_and_the_module_saves(self):
         torch.manual_seed(0)
         images = torch.randn(16, 3, 24, 24)
