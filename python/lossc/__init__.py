@@ -17,7 +17,6 @@ so class weights for `[N, C, H, W]` inputs are given as shape `[1, C]` (or `[1, 
 """
 
 import ctypes
-import mmap
 import os
 
 import numpy as np
@@ -142,29 +141,6 @@ def stdlib():
     """The standard library: {name: signature}, e.g. {"dice": "dice(p, y; smooth = 1)", ...}."""
     count = lib.lossc_stdlib_count()
     return {lib.lossc_stdlib_name(i).decode(): lib.lossc_stdlib_signature(i).decode() for i in range(count)}
-
-
-_HUGE_PAGES_FROM = 4 << 20
-
-
-def empty(shape, dtype=np.float32):
-    """`np.empty`, except that an array of 4 MB or more is an anonymous private mapping
-    advised to use transparent huge pages (Linux). Its first touch then faults 2 MB at a
-    time instead of 4 KB: for a fresh 64 MB gradient that saves more time than the loss's
-    kernels take (about 35 ms on the project's machine). Gradients are allocated with it;
-    PyTorch's own allocator does the same under THP_MEM_ALLOC_ENABLE=1."""
-    dtype = np.dtype(dtype)
-    shape = (int(shape),) if np.isscalar(shape) else tuple(int(d) for d in shape)
-    count = int(np.prod(shape, dtype=np.int64))
-    flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
-    if count * dtype.itemsize < _HUGE_PAGES_FROM or not hasattr(mmap, "MADV_HUGEPAGE") or not flags:
-        return np.empty(shape, dtype)
-    buffer = mmap.mmap(-1, count * dtype.itemsize, flags=flags)
-    try:
-        buffer.madvise(mmap.MADV_HUGEPAGE)
-    except OSError:
-        pass  # no transparent huge pages here: 4 KB pages, as np.empty
-    return np.frombuffer(buffer, dtype=dtype, count=count).reshape(shape)
 
 
 def as_loss(source, **params):
@@ -354,7 +330,7 @@ class Loss:
     def _gradient_buffer(self, inputs, i, given, dtype, taken):
         like = inputs[i]
         if given is None:
-            return empty(like.shape, dtype)
+            return np.empty(like.shape, dtype=dtype)
         if not isinstance(given, np.ndarray):
             raise TypeError(f"`out` for `{self.inputs[i]}` is a {type(given).__name__}, not a numpy array")
         if given.dtype != dtype or not given.flags.c_contiguous or not given.flags.writeable:

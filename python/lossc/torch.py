@@ -18,6 +18,7 @@ are not supported.
 """
 
 import ctypes
+import threading
 
 import numpy as np
 import torch
@@ -36,7 +37,16 @@ def evaluate(loss, *tensors, reference=False):
         # Here, before autograd: lossc's own message, whatever requires a gradient.
         loss.check_shapes(*(np.shape(t) for t in tensors))
     tensors = tuple(t if isinstance(t, torch.Tensor) else _as_tensor(t) for t in tensors)
+    if not torch.is_grad_enabled():
+        # no_grad / inference: the value only (autograd would still ask for gradients).
+        value, _ = _value_and_grad(loss, reference, tensors, ())
+        return _result(value, tensors)
     return _Evaluate.apply(loss, reference, *tensors)
+
+
+def _result(value, tensors):
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    return torch.tensor(value, dtype=dtype, device=tensors[0].device if tensors else None)
 
 
 def _as_tensor(value):
@@ -71,8 +81,7 @@ class Loss(torch.nn.Module):
         return repr(self.loss)
 
 
-def _result_dtype(tensors):
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+_handover = threading.Lock()
 
 
 class _Evaluate(torch.autograd.Function):
@@ -81,10 +90,12 @@ class _Evaluate(torch.autograd.Function):
         wanted = tuple(i for i, needs in enumerate(ctx.needs_input_grad[2:]) if needs)
         value, grads = _value_and_grad(loss, reference, tensors, wanted)
         ctx.loss, ctx.reference, ctx.wanted, ctx.grads = loss, reference, wanted, grads
-        # The inputs, not the gradients, are saved: autograd then checks they are not changed
-        # in place before a second backward (retain_graph=True), which recomputes from them.
+        ctx.dtypes = [t.dtype for t in tensors]
+        # Only a second backward (retain_graph=True) reads the inputs back, to recompute the
+        # gradients the first one handed over; autograd then checks they were not changed
+        # in place.
         ctx.save_for_backward(*tensors)
-        return torch.tensor(value, dtype=_result_dtype(tensors), device=tensors[0].device if tensors else None)
+        return _result(value, tensors)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -95,22 +106,36 @@ class _Evaluate(torch.autograd.Function):
                 "lossc.torch gives first derivatives only: the gradient of a lossc loss cannot be "
                 "differentiated again (create_graph=True)"
             )
-        tensors = ctx.saved_tensors
-        grads, ctx.grads = ctx.grads, None
-        if grads is None:  # a second backward through this graph
-            _, grads = _value_and_grad(ctx.loss, ctx.reference, tensors, ctx.wanted)
-        # The gradients are handed over, not copied: `loss.backward()` seeds 1, and any
-        # other scale is applied in place (no new buffer, one pass).
-        unit = grad_output.device.type == "cpu" and grad_output.item() == 1.0
-        out = [None] * len(tensors)
+        with _handover:
+            grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            _, grads = _value_and_grad(ctx.loss, ctx.reference, ctx.saved_tensors, ctx.wanted)
+        # The gradients (float32, or float64 for reference=True) are handed over, not
+        # copied: `loss.backward()` seeds 1, and another scale (a GradScaler's 65536) is
+        # applied in place in that precision, before any cast to a half-precision input's
+        # dtype. Batched seeds (vmap, is_grads_batched) need a new, batched tensor.
+        batched = _is_batched(grad_output)
+        unit = not batched and grad_output.device.type == "cpu" and grad_output.item() == 1.0
+        out = [None] * len(ctx.dtypes)
         for i, g in zip(ctx.wanted, grads):
-            out[i] = g if unit else g.mul_(grad_output.to(g.dtype))
+            if batched:
+                g = g * grad_output.to(g.dtype)
+            elif not unit:
+                g = g.mul_(grad_output.to(g.dtype))
+            out[i] = g.to(ctx.dtypes[i])
         return (None, None, *out)
+
+
+def _is_batched(t):
+    """Whether `t` is batched by vmap: torch.func's, or the older one behind batched gradients."""
+    functorch = getattr(torch._C, "_functorch", None)
+    checks = ("is_functorch_wrapped_tensor", "is_legacy_batchedtensor")
+    return any(getattr(functorch, name, lambda _: False)(t) for name in checks)
 
 
 def _value_and_grad(loss, reference, tensors, wanted):
     """The value (a float) and the gradients of the inputs in `wanted`, each a fresh tensor
-    of its input's dtype, shape and device."""
+    shaped like its input, on its device, in float32 (float64 for `reference`)."""
     devices = {t.device for t in tensors}
     if len(devices) > 1:
         raise ValueError(f"the inputs of {loss.name} are on different devices: {sorted(map(str, devices))}")
@@ -122,13 +147,13 @@ def _value_and_grad(loss, reference, tensors, wanted):
     elif device.type == "cpu":
         dtype = np.float64 if reference else np.float32
         arrays = [_to_numpy(t, dtype) for t in tensors]
-        # Fresh buffers (autograd hands them to the caller), on huge pages where large.
-        out = [_lossc.empty(arrays[i].shape, dtype) for i in wanted]
-        value, _ = loss.value_and_grad(*arrays, wrt=wanted, out=out, reference=reference)
-        grads = [torch.from_numpy(g) for g in out]
+        # NumPy's buffers, not torch.empty's: NumPy advises huge pages for arrays of 4 MB
+        # or more, which makes the first touch of a fresh gradient several times cheaper.
+        value, grads = loss.value_and_grad(*arrays, wrt=wanted, reference=reference)
+        grads = [torch.from_numpy(g) for g in grads]
     else:
         raise ValueError(f"lossc runs on CPU and CUDA tensors, not on {device.type}")
-    return value, [g.to(dtype=tensors[i].dtype).reshape(tensors[i].shape) for i, g in zip(wanted, grads)]
+    return value, [g.reshape(tensors[i].shape) for i, g in zip(wanted, grads)]
 
 
 def _to_numpy(t, dtype):

@@ -141,6 +141,40 @@ class Behaviour(unittest.TestCase):
         with self.assertRaisesRegex(RuntimeError, "modified by an inplace operation"):
             torch.autograd.grad(value, x)
 
+    def test_scaled_half_precision_batched_and_late_in_place_changes(self):
+        x, y = inputs((2, 1, 16, 16))
+        criterion = lossc.torch.Loss("bce_logits")
+        expected = (torch.sigmoid(x.half().float()) - y) / y.numel()
+        # A GradScaler's 65536 is infinite in float16: the scale applies before the cast.
+        xh = x.half().requires_grad_()
+        (grad,) = torch.autograd.grad(criterion(xh, y) * 65536.0, xh)
+        self.assertEqual(grad.dtype, torch.float16)
+        self.assertTrue(torch.isfinite(grad).all())
+        self.assertLess((grad.float() / 65536 - expected).abs().max().item(), 1e-3 * expected.abs().max().item())
+        # Batched seeds, as torch.autograd.functional.jacobian(vectorize=True) gives.
+        x1 = x.clone().requires_grad_()
+        (batched,) = torch.autograd.grad(criterion(x1, y), x1, torch.tensor([1.0, -2.0]), is_grads_batched=True)
+        single = (torch.sigmoid(x) - y) / y.numel()
+        self.assertLess((batched - torch.stack([single, -2 * single])).abs().max().item(), 1e-6)
+        # The gradient was computed in the forward pass: a later change to the target does
+        # not stop the first backward.
+        x2, y2 = x.clone().requires_grad_(), y.clone()
+        value = criterion(x2, y2)
+        y2.fill_(0)
+        value.backward()
+        self.assertLess((x2.grad - single).abs().max().item(), 1e-6)
+
+    def test_no_gradients_are_computed_without_grad_mode(self):
+        loss = lossc.Loss("dice")
+        asked = []
+        original = loss.value_and_grad
+        loss.value_and_grad = lambda *a, **k: asked.append(k.get("wrt")) or original(*a, **k)
+        p = torch.rand(1, 1, 8, requires_grad=True)
+        with torch.no_grad():
+            lossc.torch.evaluate(loss, p, torch.rand(1, 1, 8))
+        lossc.torch.evaluate(loss, p, torch.rand(1, 1, 8))
+        self.assertEqual(asked, [(), (0,)])
+
     def test_a_model_learns_and_the_module_saves(self):
         torch.manual_seed(0)
         images = torch.randn(16, 3, 24, 24)
