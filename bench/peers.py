@@ -218,31 +218,17 @@ def peer_fns(peer, loss, first, y):
     returning (value, gradient) as numpy."""
     import numpy as np
 
-    if peer == "lossc.torch":
+    if peer in ("eager", "compile", "lossc.torch"):
         import torch
 
-        import lossc.torch
+        if peer == "lossc.torch":
+            import lossc.torch
 
-        criterion = lossc.torch.Loss(loss)
-        xt = torch.from_numpy(first).requires_grad_(True)
-        yt = torch.from_numpy(y)
-
-        def step():
-            value = criterion(xt, yt)
-            (grad,) = torch.autograd.grad(value, xt)
-            return value, grad
-
-        def result():
-            value, grad = step()
-            return float(value), grad.numpy()
-
-        return step, result
-    if peer in ("eager", "compile"):
-        import torch
-
-        f = losses(Ops("torch"))[loss]
-        if peer == "compile":
-            f = torch.compile(f, dynamic=False)
+            f = lossc.torch.Loss(loss)
+        else:
+            f = losses(Ops("torch"))[loss]
+            if peer == "compile":
+                f = torch.compile(f, dynamic=False)
         xt = torch.from_numpy(first).requires_grad_(True)
         yt = torch.from_numpy(y)
 
