@@ -10,9 +10,9 @@ forward pass computes the value and, for every input that requires a gradient, t
 gradient, in one call (lossc's fused sweeps); the backward pass only scales them. CPU
 tensors are handed to the kernels without a copy when they are contiguous float32.
 CUDA tensors run through `lossc_eval_cuda` (PTX kernels, on PyTorch's current stream;
-Keras on the PyTorch backend takes this path too on a GPU): it has not yet run on one. The result is float32 (float64 if an input is
-float64); half-precision inputs are evaluated in float32 and get gradients of their own
-dtype. A second derivative (`create_graph=True`: a Hessian, a gradient penalty) is
+Keras on the PyTorch backend takes this path too on a GPU): it has not yet run on one.
+The result is float32 (float64 if an input is float64); half-precision inputs are
+evaluated in float32 and get gradients of their own dtype. A second derivative (`create_graph=True`: a Hessian, a gradient penalty) is
 refused with an error: the gradients are computed, not traced. `torch.func` transforms
 are not supported.
 """
