@@ -33,10 +33,14 @@ SUITE = ["dice", "tversky", "focal_tversky", "combo", "dice_bce", "bce_logits", 
 LOGITS = {"dice_bce", "bce_logits", "focal", "dice_multiclass", "lovasz_hinge"}
 MULTICLASS = {"dice_multiclass"}
 SORTS = {"lovasz_hinge"}
-# "lossc.torch" is lossc itself as PyTorch users call it (python/lossc/torch.py, on the
-# release liblossc): its ratio is what the Python layer, autograd and a fresh gradient
-# tensor per call add to the bare kernels.
-PEERS = ["eager", "compile", "jax", "lossc.torch"]
+# "lossc.torch" and "lossc.jax" are lossc itself as PyTorch and JAX users call it
+# (python/lossc, on the release liblossc): their ratios are what the Python layer, the
+# framework and a fresh gradient per call add to the bare kernels.
+# "lossc.jax" is not run by default: JAX's pure_callback copies each array in and out
+# (about 150 ms at 16M elements here) and, in a child pinned to one core, hangs in JAX's
+# CPU client (jax-ml/jax#24255).
+PEERS = ["eager", "compile", "jax", "lossc.torch", "lossc.jax"]
+DEFAULT_PEERS = ["eager", "compile", "jax", "lossc.torch"]
 
 
 # ---------------------------------------------------------------- the losses, once per framework
@@ -244,7 +248,12 @@ def peer_fns(peer, loss, first, y):
         return step, result
     import jax
 
-    f = losses(Ops("jax"))[loss]
+    if peer == "lossc.jax":
+        import lossc.jax
+
+        f = lossc.jax.function(loss)
+    else:
+        f = losses(Ops("jax"))[loss]
     vg = jax.jit(jax.value_and_grad(f))
     xj, yj = jax.device_put(first), jax.device_put(y)
 
@@ -422,7 +431,8 @@ def report(args, bench_rows, peer_rows, checks, version):
                 cells.append(f"{r.get('value_rel', float('nan')):>14.1e} {r.get('grad_rel', float('nan')):>13.1e}")
         print(f"{c['loss']:<16} {c['backend']:>6} " + " ".join(cells))
     print()
-    names = {"eager": "eager", "compile": "torch.compile", "jax": "jax.jit", "lossc.torch": "lossc.torch"}
+    names = {"eager": "eager", "compile": "torch.compile", "jax": "jax.jit", "lossc.torch": "lossc.torch",
+             "lossc.jax": "lossc.jax"}
     rows = []
     for r in bench_rows:
         mine = r.get("median_ms")
@@ -461,7 +471,8 @@ def main():
     ap.add_argument("--threads", type=lambda s: [int(t) for t in s.split(",")], default=[1, 2])
     ap.add_argument("--runs", type=int, default=7, help="timed runs per measurement (median)")
     ap.add_argument("--sort-runs", type=int, default=3, help="timed runs for sorting losses (slow in the peers)")
-    ap.add_argument("--peers", type=lambda s: s.split(","), default=PEERS, help="eager,compile,jax,lossc.torch")
+    ap.add_argument("--peers", type=lambda s: s.split(","), default=DEFAULT_PEERS,
+                    help="from eager,compile,jax,lossc.torch,lossc.jax (default: all but lossc.jax)")
     ap.add_argument("--check-size", default="64K", help="elements of the value/gradient check")
     ap.add_argument("--markdown", action="store_true", help="print the timing table as Markdown (for the README)")
     ap.add_argument("--lossc", default=str(default_lossc), help="the lossc binary")
