@@ -69,7 +69,7 @@ def function(source, reference=False, **params):
             value, grads = loss.value_and_grad(*arrays, wrt=wanted, reference=reference)
             return (
                 np.asarray(value, dtype=out_dtype()),
-                tuple(g.reshape(np.shape(arrays[i])).astype(dtypes[i]) for i, g in zip(wanted, grads)),
+                tuple(g.astype(dtypes[i], copy=False) for i, g in zip(wanted, grads)),
             )
 
         shapes = (
