@@ -168,6 +168,21 @@ fn eval_reports_shape_and_input_errors() {
 }
 
 #[test]
+fn a_closed_pipe_ends_the_output_quietly() {
+    // `lossc list | head -1`: the reader goes away before lossc writes.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lossc"))
+        .arg("list")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("runs lossc");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("waits");
+    assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+    assert_ne!(out.status.code(), Some(101), "a panic's exit code");
+}
+
+#[test]
 fn list_and_demo() {
     let o = lossc(&["list"]);
     let text = stdout(&o);

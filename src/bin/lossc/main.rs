@@ -90,6 +90,13 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Rust ignores SIGPIPE, so a write to a closed pipe (`lossc list | head`) fails and
+    // `println!` panics. A filter should end quietly there, as `cat` does.
+    #[cfg(unix)]
+    // SAFETY: sets the action of one signal at start-up, before any thread is spawned.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Check { source } => check(&source),
