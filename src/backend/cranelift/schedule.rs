@@ -91,7 +91,7 @@ pub fn block(func: &mut Function, block: Block) {
     // critical first.
     // Register pressure: the uses left of each vector value (the terminator's too), and
     // how many vectors are live.
-    let is_vector = |v: Value| func.dfg.value_type(v).bits() == 128;
+    let is_vector = |v: Value| func.dfg.value_type(v).is_vector();
     let mut uses_left: HashMap<Value, usize> = HashMap::new();
     for inst in func.layout.block_insts(block) {
         for v in func.dfg.inst_values(inst) {
@@ -180,7 +180,7 @@ pub const CROWDED: usize = VECTOR_REGISTERS * 3 / 2;
 /// it uses (live throughout) and, at the busiest point, those it defines or takes as
 /// parameters. More than [`VECTOR_REGISTERS`] means spills.
 pub fn vector_pressure(func: &Function, block: Block) -> usize {
-    let is_vector = |v: Value| func.dfg.value_type(v).bits() == 128;
+    let is_vector = |v: Value| func.dfg.value_type(v).is_vector();
     let insts: Vec<Inst> = func.layout.block_insts(block).collect();
     let mut invariants: Vec<Value> = Vec::new();
     // Per value of the block: where it is defined and last used (0 for a parameter).
@@ -307,7 +307,7 @@ pub fn invariants_from_memory(func: &mut Function, blocks: &[Block]) {
     // (`vpxor`, `vpcmpeqd`), so each use gets its own.
     let idiom = |func: &Function, v: Value| match func.dfg.value_def(v) {
         ValueDef::Result(def, _) => match func.dfg.insts[def] {
-            InstructionData::UnaryConst { constant_handle, .. } => {
+            InstructionData::UnaryConst { opcode: Opcode::Vconst, constant_handle } => {
                 let bytes = func.dfg.constants.get(constant_handle).as_slice();
                 bytes.iter().all(|&b| b == 0) || bytes.iter().all(|&b| b == 0xff)
             }
@@ -324,7 +324,7 @@ pub fn invariants_from_memory(func: &mut Function, blocks: &[Block]) {
                 continue;
             }
             for (k, &arg) in func.dfg.inst_args(inst).iter().enumerate() {
-                if func.dfg.value_type(arg).bits() == 128 && !in_loop(func, arg) {
+                if func.dfg.value_type(arg).is_vector() && !in_loop(func, arg) {
                     if !idiom(func, arg) && !slots.contains(&arg) {
                         slots.push(arg);
                     }
@@ -337,22 +337,33 @@ pub fn invariants_from_memory(func: &mut Function, blocks: &[Block]) {
         return;
     }
     let offset = |v: Value| 16 * slots.iter().position(|&s| s == v).expect("a slot") as i32;
-    let slot =
-        func.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, 16 * slots.len() as u32, 4));
     let entry = func.layout.entry_block().expect("a kernel has a body");
     let mut pos = FuncCursor::new(func);
-    pos.goto_first_insertion_point(entry);
     // One address for all: a load from a `stack_addr` of its own would be lowered as an
     // `lea` and a load through it.
-    let base = pos.ins().stack_addr(I64, slot, 0);
-    for &v in &slots {
-        match pos.func.dfg.value_def(v) {
-            ValueDef::Result(def, _) => pos.goto_after_inst(def),
-            ValueDef::Param(b, _) => pos.goto_first_insertion_point(b),
-            _ => unreachable!("an argument is an instruction's result or a block parameter"),
+    let base = (!slots.is_empty()).then(|| {
+        let slot = pos.func.create_sized_stack_slot(StackSlotData::new(
+            StackSlotKind::ExplicitSlot,
+            16 * slots.len() as u32,
+            4,
+        ));
+        pos.goto_first_insertion_point(entry);
+        let base = pos.ins().stack_addr(I64, slot, 0);
+        for &v in &slots {
+            match pos.func.dfg.value_def(v) {
+                ValueDef::Result(def, _) => pos.goto_after_inst(def),
+                // After `base`, for a parameter of the entry block.
+                ValueDef::Param(b, _) if b == entry => {
+                    let at = pos.func.dfg.value_def(base).unwrap_inst();
+                    pos.goto_after_inst(at)
+                }
+                ValueDef::Param(b, _) => pos.goto_first_insertion_point(b),
+                _ => unreachable!("an argument is an instruction's result or a block parameter"),
+            }
+            pos.ins().store(MemFlagsData::trusted(), v, base, offset(v));
         }
-        pos.ins().store(MemFlagsData::trusted(), v, base, offset(v));
-    }
+        base
+    });
     for (inst, k, v) in uses {
         pos.goto_inst(inst);
         let ty = pos.func.dfg.value_type(v);
@@ -361,7 +372,10 @@ pub fn invariants_from_memory(func: &mut Function, blocks: &[Block]) {
                 InstructionData::UnaryConst { constant_handle, .. } => pos.ins().vconst(ty, constant_handle),
                 _ => unreachable!("an idiom is a constant"),
             },
-            _ => pos.ins().load(ty, MemFlagsData::trusted(), base, offset(v)),
+            _ => {
+                let base = base.expect("a slot for each invariant that is no idiom");
+                pos.ins().load(ty, MemFlagsData::trusted(), base, offset(v))
+            }
         };
         pos.func.dfg.inst_args_mut(inst)[k] = fresh;
     }

@@ -271,6 +271,7 @@ fn machine_code(g: &Graph, spec: &SweepSpec, shape: &Shape, isas: &Isas, k: usiz
     // Lowered directly: `Context::compile` would first replace the parameters of the
     // blocks `cut_after_shared_values` made by their only incoming values, which undoes
     // the cut. The function is already legal for this target (`ctx.optimize`).
+    ctx.func.dfg.resolve_all_aliases();
     ctx.compute_cfg();
     ctx.compute_domtree();
     let code = isas
