@@ -243,19 +243,27 @@ fn four_million_elements() {
 #[test]
 fn results_are_bitwise_identical_for_any_thread_count() {
     let seed: u64 = rand::random();
-    for name in ["dice", "dice_multiclass", "focal", "tversky_per_image", "cross_entropy_index", "generalized_dice"] {
+    // Above and below the size that runs on the calling thread alone.
+    for (name, extents) in
+        ["dice", "dice_multiclass", "focal", "tversky_per_image", "cross_entropy_index", "generalized_dice"]
+            .into_iter()
+            .flat_map(|name| [(name, [3, 4, 30_001]), (name, [2, 3, 1_001])])
+    {
         let loss = Loss::compile(name, "").expect("compiles");
-        let inputs = synth::inputs(loss.inputs(), [3, 4, 30_001], &mut Rng::new(seed));
+        let inputs = synth::inputs(loss.inputs(), extents, &mut Rng::new(seed));
         let (data, _) = rounded(&inputs);
         let shapes: Vec<[usize; 3]> = inputs.iter().map(|t| t.shape).collect();
         let all = vec![true; inputs.len()];
-        let results: Vec<(f64, Vec<Vec<f32>>)> = [1, 2, 7]
+        // In pools of 1, 2 and 7 threads, and from this thread (outside any pool: the
+        // global pool's).
+        let mut results: Vec<(f64, Vec<Vec<f32>>)> = [1, 2, 7]
             .iter()
             .map(|&n| {
                 let pool = rayon::ThreadPoolBuilder::new().num_threads(n).build().expect("pool");
                 pool.install(|| native(&loss, &shapes, &data, &all))
             })
             .collect();
+        results.push(native(&loss, &shapes, &data, &all));
         for r in &results[1..] {
             assert_eq!(r.0.to_bits(), results[0].0.to_bits(), "{name} (seed {seed})");
             for (a, b) in r.1.iter().zip(&results[0].1) {

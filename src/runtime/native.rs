@@ -344,7 +344,7 @@ pub fn evaluate(loss: &Loss, inputs: &[View], ext: [usize; 3], grads: &mut [Opti
         ));
         let tails = &tails;
         let fixed = &compiled.fixed;
-        (0..blocks.len()).into_par_iter().for_each(|k| {
+        let run = |k: usize| {
             let s = shared;
             let (input_ptrs, input_strides, grad_ptrs, grad_strides, partials) = s.0;
             let block = blocks[k];
@@ -373,7 +373,14 @@ pub fn evaluate(loss: &Loss, inputs: &[View], ext: [usize; 3], grads: &mut [Opti
                 let grad_ptrs = unsafe { std::slice::from_raw_parts(grad_ptrs, spec.writes.len()) };
                 run_padded(f, block, inputs, fixed, &spec.writes, grad_ptrs, tail, partials);
             }
-        });
+        };
+        // Each block writes only its own partials and positions, so the order does not
+        // change a bit of the result.
+        if ext.iter().product::<usize>() <= super::SERIAL_ELEMENTS {
+            (0..blocks.len()).for_each(run);
+        } else {
+            (0..blocks.len()).into_par_iter().for_each(run);
+        }
         let mut offset = 0;
         let sums = Sums { blocks: &blocks, partials: &partials, per_block };
         for (&r, &n) in reductions.iter().zip(&cells) {
