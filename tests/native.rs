@@ -273,6 +273,27 @@ fn results_are_bitwise_identical_for_any_thread_count() {
     }
 }
 
+/// First calls from many threads at once: each compiles kernels on the thread pool, and a
+/// pool thread waiting for one compilation may take up another thread's evaluation.
+#[test]
+fn concurrent_first_calls_compile_without_deadlock() {
+    let seed: u64 = rand::random();
+    for name in ["focal", "dice", "bce"] {
+        let loss = Loss::compile(name, "").expect("compiles");
+        let inputs = synth::inputs(loss.inputs(), [1, 1, 70_001], &mut Rng::new(seed));
+        let (data, _) = rounded(&inputs);
+        let shapes: Vec<[usize; 3]> = inputs.iter().map(|t| t.shape).collect();
+        let all = vec![true; inputs.len()];
+        let results: Vec<(f64, Vec<Vec<f32>>)> = std::thread::scope(|s| {
+            let runs: Vec<_> = (0..8).map(|_| s.spawn(|| native(&loss, &shapes, &data, &all))).collect();
+            runs.into_iter().map(|r| r.join().expect("no panic")).collect()
+        });
+        for r in &results[1..] {
+            assert_eq!(r.0.to_bits(), results[0].0.to_bits(), "{name} (seed {seed})");
+        }
+    }
+}
+
 #[test]
 fn non_finite_inputs_give_nan_not_a_crash() {
     let loss = Loss::compile("dice", "").expect("compiles");

@@ -9,16 +9,19 @@ use std::sync::{Arc, Mutex};
 pub struct Cache<K, V>(Mutex<HashMap<K, Arc<V>>>);
 
 impl<K: Hash + Eq + Clone, V> Cache<K, V> {
-    /// The value for `key`, built by `build` if there is none yet. The lock is held while
-    /// building, so concurrent first calls build once.
+    /// The value for `key`, built by `build` if there is none yet.
+    ///
+    /// The lock is not held while building: a build compiles kernels in parallel on the
+    /// thread pool, and a pool thread waiting for it may meanwhile take up another call's
+    /// evaluation, which asks this cache again (a lock held there would deadlock). So
+    /// concurrent first calls may each build; the first value stored is the one kept.
     pub fn get_or_build<E>(&self, key: &K, build: impl FnOnce() -> Result<V, E>) -> Result<Arc<V>, E> {
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(v) = map.get(key) {
+        let lock = || self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(v) = lock().get(key) {
             return Ok(Arc::clone(v));
         }
         let v = Arc::new(build()?);
-        map.insert(key.clone(), Arc::clone(&v));
-        Ok(v)
+        Ok(Arc::clone(lock().entry(key.clone()).or_insert(v)))
     }
 }
 

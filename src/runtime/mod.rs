@@ -50,16 +50,17 @@ pub fn evaluate(
     let elements = ext.iter().product::<usize>();
     // Called from outside the thread pool (a trainer's thread, the C ABI), each parallel
     // loop wakes the pool's threads and waits for them, about 0.1 ms here: moving the
-    // whole evaluation into the pool pays that once rather than once per sweep, and a
-    // small one runs on the caller's thread without the pool.
+    // whole evaluation into the pool pays that once rather than once per sweep. A small
+    // one stays on the caller's thread, where the native engine runs it alone.
     if elements > SERIAL_ELEMENTS && rayon::current_thread_index().is_none() {
         return rayon::scope(|_| jit(loss, inputs, ext, grads));
     }
     jit(loss, inputs, ext, grads)
 }
 
-/// Broadcast elements up to which an evaluation runs on the calling thread alone (no
-/// parallel loop): about 0.1-0.2 ms of work on one thread, what waking the pool costs.
+/// Broadcast elements up to which the native engine runs an evaluation on the calling
+/// thread alone (no parallel loop): about 0.1-0.2 ms of work on one thread, what waking
+/// the pool costs.
 pub(crate) const SERIAL_ELEMENTS: usize = 1 << 15;
 
 /// `evaluate` on the compiled engines, once the shapes are checked.
