@@ -364,7 +364,16 @@ pub fn invariants_from_memory(func: &mut Function, blocks: &[Block]) {
         }
         base
     });
+    // `bitselect(fcmp(lt, a, c), a, c)` lowers to one `minps`/`maxps` only while the select
+    // and the compare take the same values: a select shares its compare's reload.
+    let mut reloads: HashMap<(Inst, Value), Value> = HashMap::new();
     for (inst, k, v) in uses {
+        if let Some(compare) = min_max_compare(pos.func, inst) {
+            if let Some(&fresh) = reloads.get(&(compare, v)) {
+                pos.func.dfg.inst_args_mut(inst)[k] = fresh;
+                continue;
+            }
+        }
         pos.goto_inst(inst);
         let ty = pos.func.dfg.value_type(v);
         let fresh = match pos.func.dfg.value_def(v) {
@@ -378,7 +387,20 @@ pub fn invariants_from_memory(func: &mut Function, blocks: &[Block]) {
             }
         };
         pos.func.dfg.inst_args_mut(inst)[k] = fresh;
+        reloads.insert((inst, v), fresh);
     }
+}
+
+/// The `fcmp` whose mask `inst` selects by, where `inst` is a `bitselect`.
+fn min_max_compare(func: &Function, inst: Inst) -> Option<Inst> {
+    if func.dfg.insts[inst].opcode() != Opcode::Bitselect {
+        return None;
+    }
+    let mut def = func.dfg.value_def(func.dfg.inst_args(inst)[0]).inst()?;
+    if func.dfg.insts[def].opcode() == Opcode::Bitcast {
+        def = func.dfg.value_def(func.dfg.inst_args(def)[0]).inst()?;
+    }
+    (func.dfg.insts[def].opcode() == Opcode::Fcmp).then_some(def)
 }
 
 /// Cycles from issue to result on a Zen 3-like core, roughly; what matters is the ratio
@@ -487,7 +509,7 @@ mod tests {
         assert_eq!(func.layout.block_insts(block).collect::<Vec<_>>(), before);
     }
 
-    /// A loop over `n` bytes at `p`: y = x * 1.5 + 0.25, stores (y * y - (y + 0.25)) + 0.
+    /// A loop over `n` bytes at `p`: y = x * 1.5 + 0.25, stores max(y * y - (y + 0.25), 0.25) + 0.
     /// Returns the function and the loop's block.
     fn a_loop() -> (Function, Block) {
         let mut func = Function::new();
@@ -517,7 +539,8 @@ mod tests {
         let square = b.ins().fmul(y, y);
         let shifted = b.ins().fadd(y, shift);
         let difference = b.ins().fsub(square, shifted);
-        let out = b.ins().fadd(difference, zero);
+        let clipped = crate::backend::cranelift::math::max(&mut b, difference, shift);
+        let out = b.ins().fadd(clipped, zero);
         b.ins().store(flags, out, at, 0);
         let next = b.ins().iadd_imm_s(i, 16);
         let more = b.ins().icmp(IntCC::SignedLessThan, next, n);
@@ -581,5 +604,7 @@ mod tests {
         let text = code.vcode.expect("a disassembly");
         let folded = text.lines().filter(|l| l.contains("ps ") && l.contains('(') && !l.contains("movups")).count();
         assert!(folded >= 2, "{text}");
+        // The max's compare and select share their reload of 0.25: one `maxps`, no blend.
+        assert!(text.contains("maxps") && !text.contains("blendv"), "{text}");
     }
 }
