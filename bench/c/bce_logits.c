@@ -3,13 +3,14 @@
  * division for the sigmoid; log(1 + e^-|x|) as 2 atanh(z/(2+z)), the same polynomials). Built with
  * 128-bit vectors (what Cranelift 0.135 offers) or 256-bit ones (what it lacks):
  *
- *   cc -O3 -mavx2 -mfma              bench/c/bce_logits.c -o /tmp/bce4 -lm && /tmp/bce4
- *   cc -O3 -mavx2 -mfma -DWIDTH=8    bench/c/bce_logits.c -o /tmp/bce8 -lm && /tmp/bce8
+ *   cc -O3 -mavx2 -mfma -fopenmp           bench/c/bce_logits.c -o /tmp/bce4 -lm && /tmp/bce4
+ *   cc -O3 -mavx2 -mfma -fopenmp -DWIDTH=8 bench/c/bce_logits.c -o /tmp/bce8 -lm && /tmp/bce8
  *
  * It prints ns per element at 1M elements (cache-resident, one thread) for Horner and Estrin
  * polynomials, then the median time at 16M elements over the median of a same-run
  * bandwidth probe (read two arrays, write one), the ratio `lossc bench` reports as
- * "x probe". Not run in CI; docs/backend.md quotes its figures. */
+ * "x probe", on one thread and, built with -fopenmp, on two (each a half of the arrays).
+ * Not run in CI; docs/backend.md quotes its figures. */
 #include <immintrin.h>
 #include <math.h>
 #include <stdio.h>
@@ -175,6 +176,21 @@ static float probe(const float *x, const float *y, float *g, long n) {
     return s[0];
 }
 
+static volatile float sink;
+
+/* The kernel (or the probe) over n elements on `threads` threads, each a contiguous share
+ * (a multiple of WIDTH). */
+static void split(int kernel, const float *x, const float *y, float *g, long n, int threads) {
+    float sum = 0;
+    long share = n / threads / WIDTH * WIDTH;
+#pragma omp parallel for num_threads(threads) reduction(+ : sum)
+    for (int k = 0; k < threads; k++) {
+        long lo = share * k, m = k == threads - 1 ? n - lo : share;
+        sum += kernel ? run(x + lo, y + lo, g + lo, m, 1) : probe(x + lo, y + lo, g + lo, m);
+    }
+    sink += sum;
+}
+
 static int by_value(const void *a, const void *b) {
     double d = *(const double *)a - *(const double *)b;
     return (d > 0) - (d < 0);
@@ -211,21 +227,30 @@ int main(void) {
         printf("%s, 1M elements: %.2f ns/element (loss off the f64 mean by %.1e)\n", estrin ? "estrin" : "horner",
                best * 1e9 / n, fabs(loss - reference) / reference);
     }
-    /* 16M elements, out of cache: kernel and probe alternate, medians of 9. */
+    /* 16M elements, out of cache: kernel and probe alternate, medians of 9 after a warm-up. */
     enum { RUNS = 9 };
-    double kernel[RUNS], floor[RUNS];
-    volatile float sink = 0;
-    for (int rep = 0; rep < RUNS; rep++) {
-        double t0 = now();
-        sink += run(x, y, g, big, 1);
-        double t1 = now();
-        sink += probe(x, y, g, big);
-        kernel[rep] = t1 - t0;
-        floor[rep] = now() - t1;
+#ifdef _OPENMP
+    int most = 2;
+#else
+    int most = 1;
+#endif
+    for (int threads = 1; threads <= most; threads++) {
+        double kernel[RUNS], floor[RUNS];
+        for (int rep = -1; rep < RUNS; rep++) {
+            double t0 = now();
+            split(1, x, y, g, big, threads);
+            double t1 = now();
+            split(0, x, y, g, big, threads);
+            if (rep >= 0) {
+                kernel[rep] = t1 - t0;
+                floor[rep] = now() - t1;
+            }
+        }
+        qsort(kernel, RUNS, sizeof(double), by_value);
+        qsort(floor, RUNS, sizeof(double), by_value);
+        printf("estrin, 16M elements, %d thread%s: %.2f ms, probe %.2f ms, x probe %.2f\n", threads,
+               threads > 1 ? "s" : "", kernel[RUNS / 2] * 1e3, floor[RUNS / 2] * 1e3,
+               kernel[RUNS / 2] / floor[RUNS / 2]);
     }
-    qsort(kernel, RUNS, sizeof(double), by_value);
-    qsort(floor, RUNS, sizeof(double), by_value);
-    printf("estrin, 16M elements: %.2f ms, probe %.2f ms, x probe %.2f\n", kernel[RUNS / 2] * 1e3,
-           floor[RUNS / 2] * 1e3, kernel[RUNS / 2] / floor[RUNS / 2]);
     return 0;
 }

@@ -12,9 +12,11 @@ tensors are handed to the kernels without a copy when they are contiguous float3
 CUDA tensors run through `lossc_eval_cuda` (PTX kernels, on PyTorch's current stream;
 Keras on the PyTorch backend takes this path too on a GPU): it has not yet run on one.
 The result is float32 (float64 if an input is float64); half-precision inputs are
-evaluated in float32 and get gradients of their own dtype. A second derivative (`create_graph=True`: a Hessian, a gradient penalty) is
-refused with an error: the gradients are computed, not traced. `torch.func` transforms
-are not supported.
+evaluated in float32 and get gradients of their own dtype. A second derivative
+(`create_graph=True`: a Hessian, a gradient penalty) is refused with an error: the
+gradients are computed, not traced. Of the `torch.func` transforms, `grad`, `vjp`,
+`jacrev` and `vmap` work (`vmap` evaluates one example at a time, as the function would
+see it: without the mapped axis); forward-mode ones (`jvp`, `jacfwd`) do not.
 """
 
 import ctypes
@@ -41,7 +43,10 @@ def evaluate(loss, *tensors, reference=False):
         # no_grad / inference: the value only (autograd would still ask for gradients).
         value, _ = _value_and_grad(loss, reference, tensors, ())
         return _result(value, tensors)
-    return _Evaluate.apply(loss, reference, *tensors)
+    # The gradients autograd will ask for (its `needs_input_grad`), known before the call
+    # so that the forward pass computes them.
+    wanted = tuple(i for i, t in enumerate(tensors) if t.requires_grad)
+    return _Evaluate.apply(loss, reference, wanted, *tensors)[0]
 
 
 def _result(value, tensors):
@@ -85,27 +90,28 @@ _handover = threading.Lock()
 
 
 class _Evaluate(torch.autograd.Function):
+    """The value and, as outputs autograd does not differentiate, the gradients in `wanted`.
+    Split into `forward` and `setup_context` (and given a `vmap` rule) as `torch.func`
+    transforms require."""
+
     @staticmethod
-    def forward(ctx, loss, reference, *tensors):
-        wanted = tuple(i for i, needs in enumerate(ctx.needs_input_grad[2:]) if needs)
+    def forward(loss, reference, wanted, *tensors):
         value, grads = _value_and_grad(loss, reference, tensors, wanted)
-        ctx.loss, ctx.reference, ctx.wanted, ctx.grads = loss, reference, wanted, grads
+        return (_result(value, tensors), *grads)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        loss, reference, wanted, *tensors = inputs
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.loss, ctx.reference, ctx.wanted, ctx.grads = loss, reference, wanted, list(output[1:])
         ctx.dtypes = [t.dtype for t in tensors]
         # Only a second backward (retain_graph=True) reads the inputs back, to recompute the
         # gradients the first one handed over; autograd then checks they were not changed
         # in place.
         ctx.save_for_backward(*tensors)
-        return _result(value, tensors)
 
     @staticmethod
-    def backward(ctx, grad_output):
-        if torch.is_grad_enabled():
-            # create_graph=True: a Hessian, a gradient penalty. The gradients are numbers,
-            # not a graph, so their derivative would silently be taken as zero.
-            raise RuntimeError(
-                "lossc.torch gives first derivatives only: the gradient of a lossc loss cannot be "
-                "differentiated again (create_graph=True)"
-            )
+    def backward(ctx, grad_output, *_):
         with _handover:
             grads, ctx.grads = ctx.grads, None
         if grads is None:
@@ -123,7 +129,56 @@ class _Evaluate(torch.autograd.Function):
             elif not unit:
                 g = g.mul_(grad_output.to(g.dtype))
             out[i] = g.to(ctx.dtypes[i])
-        return (None, None, *out)
+        if torch.is_grad_enabled():
+            # create_graph=True (and every torch.func.grad): the gradients are numbers, not
+            # a graph, so a derivative of them (a Hessian, a gradient penalty) would
+            # silently be zero. Tied to the inputs, differentiating them raises instead.
+            inputs = [t for t in ctx.saved_tensors if t.requires_grad]
+            out = [g if g is None else _FirstOrderOnly.apply(g, *inputs) for g in out]
+        return (None, None, None, *out)
+
+    @staticmethod
+    def jvp(ctx, *_):
+        raise NotImplementedError(
+            "lossc.torch has no forward-mode derivatives (torch.func.jvp, jacfwd, hessian): "
+            "use reverse mode (backward, torch.func.grad, vjp, jacrev)"
+        )
+
+    @staticmethod
+    def vmap(info, in_dims, loss, reference, wanted, *tensors):
+        # torch.func.vmap: the loss of each example (what the function sees: the tensors
+        # without the mapped axis), one evaluation each, stacked.
+        if info.batch_size == 0:
+            raise ValueError(f"vmap of {loss.name} over an empty axis: there is no example to evaluate")
+        dims = in_dims[3:]
+        results = []
+        for k in range(info.batch_size):
+            example = [t if d is None else t.select(d, k) for t, d in zip(tensors, dims)]
+            results.append(_Evaluate.apply(loss, reference, wanted, *example))
+        stacked = tuple(torch.stack(column) for column in zip(*results))
+        return stacked, (0,) * len(stacked)
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """The identity on a gradient lossc computed, as a function of the inputs it came from
+    whose derivative is refused."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad, *inputs):
+        return grad.view_as(grad)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(
+            "lossc.torch gives first derivatives only: the gradient of a lossc loss cannot be "
+            "differentiated again (a Hessian, a gradient penalty)"
+        )
 
 
 def _is_batched(t):

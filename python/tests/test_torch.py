@@ -198,6 +198,29 @@ class Behaviour(unittest.TestCase):
             out = model(images)
             self.assertEqual(restored(out, masks).item(), criterion(out, masks).item())
 
+    def test_torch_func_transforms(self):
+        torch.manual_seed(3)
+        criterion = lossc.torch.Loss("0.5*dice(sigmoid(x), y) + bce_logits(x, y)")
+        x, y = inputs((3, 1, 9, 7))
+        double = (x.double(), y.double())
+        expected = torch.func.grad(combined)(*double)
+        self.assertLess((torch.func.grad(criterion)(x, y) - expected).abs().max().item(), 1e-6)
+        value, pullback = torch.func.vjp(lambda a: criterion(a, y), x)
+        self.assertAlmostEqual(value.item(), combined(*double).item(), places=6)
+        self.assertLess((pullback(torch.tensor(-2.0))[0] + 2 * expected).abs().max().item(), 2e-6)
+        self.assertLess((torch.func.jacrev(criterion)(x, y) - expected).abs().max().item(), 1e-6)
+        # Per-example losses and gradients: each example as the function sees it.
+        xs, ys = inputs((4, 2, 1, 6, 5))
+        per_example = torch.func.vmap(torch.func.grad_and_value(criterion))(xs, ys)
+        for k in range(4):
+            grad, value = torch.func.grad_and_value(combined)(xs[k].double(), ys[k].double())
+            self.assertLess((per_example[0][k] - grad).abs().max().item(), 1e-6)
+            self.assertAlmostEqual(per_example[1][k].item(), value.item(), places=6)
+        # A mapped axis that is not the first, and an input that is not mapped.
+        values = torch.func.vmap(criterion, in_dims=(2, None))(xs.movedim(0, 2), ys[0])
+        for k in range(4):
+            self.assertAlmostEqual(values[k].item(), combined(xs[k].double(), ys[0].double()).item(), places=6)
+
     def test_errors(self):
         criterion = lossc.torch.Loss("dice")
         with self.assertRaisesRegex(lossc.ShapeError, "has 3 along batch"):
@@ -213,13 +236,20 @@ class Behaviour(unittest.TestCase):
         base = lossc.Loss("tversky")
         self.assertEqual(lossc.torch.Loss(base, alpha=0.9, beta=0.1)(p, y).item(),
                          lossc.torch.Loss("tversky", alpha=0.9, beta=0.1)(p, y).item())
-        # No second derivative: refused, not silently zero.
+        # No second derivative: refused, not silently zero. A first one with
+        # create_graph=True is given (the loss may be one term of many).
         x = torch.rand(2, 1, 4, 4, requires_grad=True)
         y = torch.rand(2, 1, 4, 4)
+        (first,) = torch.autograd.grad(lossc.torch.Loss("dice")(x, y), x, create_graph=True)
+        self.assertLess((first - torch.autograd.grad(dice(x, y), x)[0]).abs().max().item(), 1e-6)
         with self.assertRaisesRegex(RuntimeError, "first derivatives only"):
-            torch.autograd.grad(lossc.torch.Loss("dice")(x, y), x, create_graph=True)
+            first.square().sum().backward()
         with self.assertRaisesRegex(RuntimeError, "first derivatives only"):
             torch.autograd.functional.hessian(lambda a: lossc.torch.Loss("dice")(a, y), x.detach())
+        with self.assertRaisesRegex(RuntimeError, "first derivatives only"):
+            torch.func.grad(lambda a: torch.func.grad(lambda b: lossc.torch.Loss("dice")(b, y))(a).sum())(x.detach())
+        with self.assertRaisesRegex(NotImplementedError, "no forward-mode"):
+            torch.func.jvp(lambda a: lossc.torch.Loss("dice")(a, y), (x.detach(),), (torch.ones_like(x),))
         self.assertTrue(np.isnan(criterion(torch.full((1, 1, 3), float("nan")), torch.rand(1, 1, 3)).item()))
 
 
