@@ -17,6 +17,7 @@ so class weights for `[N, C, H, W]` inputs are given as shape `[1, C]` (or `[1, 
 """
 
 import ctypes
+import math
 import os
 
 import numpy as np
@@ -134,7 +135,7 @@ def layout(shape):
         return (1, 1, shape[0] if shape else 1)
     if len(shape) == 2:
         return (shape[0], shape[1], 1)
-    return (shape[0], shape[1], int(np.prod(shape[2:], dtype=np.int64)))
+    return (shape[0], shape[1], math.prod(shape[2:]))
 
 
 def stdlib():
@@ -300,18 +301,18 @@ class Loss:
         names = self.inputs + tuple(f"#{i}" for i in range(len(self.inputs), len(arrays)))
         inputs = []
         for name, a in zip(names, arrays):
-            a = _as_real(name, a)
-            # np.ascontiguousarray makes a 0-d array 1-d: keep the shape, for the gradient's.
-            inputs.append(np.ascontiguousarray(a, dtype=dtype).reshape(a.shape))
+            if type(a) is not np.ndarray or a.dtype != dtype or not a.flags.c_contiguous:
+                a = _as_real(name, a)
+                # np.ascontiguousarray makes a 0-d array 1-d: keep the shape, for the gradient's.
+                a = np.ascontiguousarray(a, dtype=dtype).reshape(a.shape)
+            inputs.append(a)
         shapes = (Shape * max(len(inputs), 1))(*(Shape(*layout(a.shape)) for a in inputs))
-        ptr_type = ctypes.POINTER(ctypes.c_float if dtype == np.float32 else ctypes.c_double)
-        pointers = (ptr_type * max(len(inputs), 1))(*(a.ctypes.data_as(ptr_type) for a in inputs))
+        pointers = (ctypes.c_void_p * max(len(inputs), 1))(*(_address(a) for a in inputs))
         return inputs, shapes, pointers
 
     def _evaluate(self, arrays, wanted, out, reference):
         dtype = np.float64 if reference else np.float32
         inputs, shapes, pointers = self._marshal(arrays, dtype)
-        ptr_type = ctypes.POINTER(ctypes.c_float if dtype == np.float32 else ctypes.c_double)
         grads = [None] * len(inputs)
         for k, i in enumerate(wanted):
             if i >= len(inputs):
@@ -319,9 +320,7 @@ class Loss:
             grads[i] = self._gradient_buffer(inputs, i, None if out is None else out[k], dtype, grads)
         slots = None
         if wanted:
-            slots = (ptr_type * max(len(inputs), 1))(
-                *(g.ctypes.data_as(ptr_type) if g is not None else ptr_type() for g in grads)
-            )
+            slots = (ctypes.c_void_p * max(len(inputs), 1))(*(None if g is None else _address(g) for g in grads))
         value = ctypes.c_double()
         call = lib.lossc_eval_f64 if reference else lib.lossc_eval
         _check(call(self._handle, pointers, shapes, len(inputs), ctypes.byref(value), slots))
@@ -346,6 +345,11 @@ class Loss:
         if any(g is not None and np.may_share_memory(given, g) for g in taken):
             raise ValueError(f"`out` for `{self.inputs[i]}` overlaps another gradient's")
         return given
+
+
+def _address(array):
+    """The address of an array's first element."""
+    return array.__array_interface__["data"][0]
 
 
 def _rebuild(source, params):

@@ -16,8 +16,10 @@ class Shape(ctypes.Structure):
     _fields_ = [("batch", ctypes.c_int64), ("classes", ctypes.c_int64), ("spatial", ctypes.c_int64)]
 
 
-_FloatP = ctypes.POINTER(ctypes.c_float)
 _DoubleP = ctypes.POINTER(ctypes.c_double)
+# Arrays of data pointers are passed as `c_void_p` arrays of addresses: building typed
+# pointers (`ndarray.ctypes.data_as`) costs microseconds per array on every call.
+_Pointers = ctypes.POINTER(ctypes.c_void_p)
 _Handle = ctypes.c_void_p
 _Status = ctypes.c_int
 
@@ -39,22 +41,22 @@ _SIGNATURES = {
     "lossc_stdlib_signature": (ctypes.c_char_p, [ctypes.c_size_t]),
     "lossc_eval": (
         _Status,
-        [_Handle, ctypes.POINTER(_FloatP), ctypes.POINTER(Shape), ctypes.c_size_t, _DoubleP, ctypes.POINTER(_FloatP)],
+        [_Handle, _Pointers, ctypes.POINTER(Shape), ctypes.c_size_t, _DoubleP, _Pointers],
     ),
     "lossc_eval_f64": (
         _Status,
-        [_Handle, ctypes.POINTER(_DoubleP), ctypes.POINTER(Shape), ctypes.c_size_t, _DoubleP, ctypes.POINTER(_DoubleP)],
+        [_Handle, _Pointers, ctypes.POINTER(Shape), ctypes.c_size_t, _DoubleP, _Pointers],
     ),
     "lossc_count_nonfinite": (
         _Status,
-        [_Handle, ctypes.POINTER(_FloatP), ctypes.POINTER(Shape), ctypes.c_size_t, ctypes.POINTER(ctypes.c_uint64)],
+        [_Handle, _Pointers, ctypes.POINTER(Shape), ctypes.c_size_t, ctypes.POINTER(ctypes.c_uint64)],
     ),
     "lossc_check_shapes": (_Status, [_Handle, ctypes.POINTER(Shape), ctypes.c_size_t]),
     "lossc_num_terms": (ctypes.c_size_t, [_Handle]),
     "lossc_term_text": (ctypes.c_char_p, [_Handle, ctypes.c_size_t]),
     "lossc_eval_terms": (
         _Status,
-        [_Handle, ctypes.POINTER(_FloatP), ctypes.POINTER(Shape), ctypes.c_size_t, _DoubleP, ctypes.c_size_t, _DoubleP],
+        [_Handle, _Pointers, ctypes.POINTER(Shape), ctypes.c_size_t, _DoubleP, ctypes.c_size_t, _DoubleP],
     ),
     "lossc_eval_cuda": (
         _Status,

@@ -46,7 +46,8 @@ def evaluate(loss, *tensors, reference=False):
     # The gradients autograd will ask for (its `needs_input_grad`), known before the call
     # so that the forward pass computes them.
     wanted = tuple(i for i, t in enumerate(tensors) if t.requires_grad)
-    return _Evaluate.apply(loss, reference, wanted, *tensors)[0]
+    function = _EvaluateTransformed if _transforms_active() else _Evaluate
+    return function.apply(loss, reference, wanted, *tensors)[0]
 
 
 def _result(value, tensors):
@@ -89,53 +90,70 @@ class Loss(torch.nn.Module):
 _handover = threading.Lock()
 
 
+def _forward(loss, reference, wanted, *tensors):
+    """The value and, as outputs autograd does not differentiate, the gradients in `wanted`."""
+    value, grads = _value_and_grad(loss, reference, tensors, wanted)
+    return (_result(value, tensors), *grads)
+
+
+def _setup_context(ctx, inputs, output):
+    loss, reference, wanted, *tensors = inputs
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.loss, ctx.reference, ctx.wanted, ctx.grads = loss, reference, wanted, list(output[1:])
+    ctx.dtypes = [t.dtype for t in tensors]
+    # Only a second backward (retain_graph=True) reads the inputs back, to recompute the
+    # gradients the first one handed over; autograd then checks they were not changed
+    # in place.
+    ctx.save_for_backward(*tensors)
+
+
+def _backward(ctx, grad_output, *_):
+    with _handover:
+        grads, ctx.grads = ctx.grads, None
+    if grads is None:
+        _, grads = _value_and_grad(ctx.loss, ctx.reference, ctx.saved_tensors, ctx.wanted)
+    # The gradients (float32, or float64 for reference=True) are handed over, not
+    # copied: `loss.backward()` seeds 1, and another scale (a GradScaler's 65536) is
+    # applied in place in that precision, before any cast to a half-precision input's
+    # dtype. Batched seeds (vmap, is_grads_batched) need a new, batched tensor.
+    batched = _is_batched(grad_output)
+    unit = not batched and grad_output.device.type == "cpu" and grad_output.item() == 1.0
+    out = [None] * len(ctx.dtypes)
+    for i, g in zip(ctx.wanted, grads):
+        if batched:
+            g = g * grad_output.to(g.dtype)
+        elif not unit:
+            g = g.mul_(grad_output.to(g.dtype))
+        out[i] = g.to(ctx.dtypes[i])
+    if torch.is_grad_enabled():
+        # create_graph=True (and every torch.func.grad): the gradients are numbers, not
+        # a graph, so a derivative of them (a Hessian, a gradient penalty) would
+        # silently be zero. Tied to the inputs, differentiating them raises instead.
+        inputs = [t for t in ctx.saved_tensors if t.requires_grad]
+        out = [g if g is None else _FirstOrderOnly.apply(g, *inputs) for g in out]
+    return (None, None, None, *out)
+
+
 class _Evaluate(torch.autograd.Function):
-    """The value and, as outputs autograd does not differentiate, the gradients in `wanted`.
-    Split into `forward` and `setup_context` (and given a `vmap` rule) as `torch.func`
-    transforms require."""
+    """The loss for autograd. A forward that takes `ctx` (not `setup_context`): for one
+    without, `Function.apply` binds the arguments with `inspect.signature` on every call,
+    40-80 us here, several times the rest of a small call."""
 
     @staticmethod
-    def forward(loss, reference, wanted, *tensors):
-        value, grads = _value_and_grad(loss, reference, tensors, wanted)
-        return (_result(value, tensors), *grads)
+    def forward(ctx, *args):
+        output = _forward(*args)
+        _setup_context(ctx, args, output)
+        return output
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        loss, reference, wanted, *tensors = inputs
-        ctx.mark_non_differentiable(*output[1:])
-        ctx.loss, ctx.reference, ctx.wanted, ctx.grads = loss, reference, wanted, list(output[1:])
-        ctx.dtypes = [t.dtype for t in tensors]
-        # Only a second backward (retain_graph=True) reads the inputs back, to recompute the
-        # gradients the first one handed over; autograd then checks they were not changed
-        # in place.
-        ctx.save_for_backward(*tensors)
+    backward = staticmethod(_backward)
 
-    @staticmethod
-    def backward(ctx, grad_output, *_):
-        with _handover:
-            grads, ctx.grads = ctx.grads, None
-        if grads is None:
-            _, grads = _value_and_grad(ctx.loss, ctx.reference, ctx.saved_tensors, ctx.wanted)
-        # The gradients (float32, or float64 for reference=True) are handed over, not
-        # copied: `loss.backward()` seeds 1, and another scale (a GradScaler's 65536) is
-        # applied in place in that precision, before any cast to a half-precision input's
-        # dtype. Batched seeds (vmap, is_grads_batched) need a new, batched tensor.
-        batched = _is_batched(grad_output)
-        unit = not batched and grad_output.device.type == "cpu" and grad_output.item() == 1.0
-        out = [None] * len(ctx.dtypes)
-        for i, g in zip(ctx.wanted, grads):
-            if batched:
-                g = g * grad_output.to(g.dtype)
-            elif not unit:
-                g = g.mul_(grad_output.to(g.dtype))
-            out[i] = g.to(ctx.dtypes[i])
-        if torch.is_grad_enabled():
-            # create_graph=True (and every torch.func.grad): the gradients are numbers, not
-            # a graph, so a derivative of them (a Hessian, a gradient penalty) would
-            # silently be zero. Tied to the inputs, differentiating them raises instead.
-            inputs = [t for t in ctx.saved_tensors if t.requires_grad]
-            out = [g if g is None else _FirstOrderOnly.apply(g, *inputs) for g in out]
-        return (None, None, None, *out)
+
+class _EvaluateTransformed(torch.autograd.Function):
+    """The loss under `torch.func` transforms, which need `setup_context` and a `vmap` rule."""
+
+    forward = staticmethod(_forward)
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
 
     @staticmethod
     def jvp(ctx, *_):
@@ -146,17 +164,23 @@ class _Evaluate(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, loss, reference, wanted, *tensors):
-        # torch.func.vmap: the loss of each example (what the function sees: the tensors
-        # without the mapped axis), one evaluation each, stacked.
+        # The loss of each example (what the function sees: the tensors without the
+        # mapped axis), one evaluation each, stacked.
         if info.batch_size == 0:
             raise ValueError(f"vmap of {loss.name} over an empty axis: there is no example to evaluate")
         dims = in_dims[3:]
         results = []
         for k in range(info.batch_size):
             example = [t if d is None else t.select(d, k) for t, d in zip(tensors, dims)]
-            results.append(_Evaluate.apply(loss, reference, wanted, *example))
+            results.append(_EvaluateTransformed.apply(loss, reference, wanted, *example))
         stacked = tuple(torch.stack(column) for column in zip(*results))
         return stacked, (0,) * len(stacked)
+
+
+def _transforms_active():
+    """Whether a `torch.func` transform (grad, vmap, ...) is running."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return active is not None and active()
 
 
 class _FirstOrderOnly(torch.autograd.Function):
