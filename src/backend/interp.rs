@@ -54,47 +54,52 @@ pub fn evaluate_with(
     extents: [usize; 3],
     known: &HashMap<NodeId, Tensor>,
 ) -> Vec<Tensor> {
+    // Tables indexed by node id: the tails of the native engines come here on every
+    // call, with a few small nodes, where hashing would cost more than the arithmetic.
     let order = reachable_stopping_at(g, roots, known);
-    let mut last_use: HashMap<NodeId, usize> = HashMap::new();
+    let mut last_use = vec![0usize; g.len()];
     for (step, &id) in order.iter().enumerate() {
         for &a in &g.node(id).args {
-            last_use.insert(a, step);
+            last_use[a.0 as usize] = step;
         }
     }
     for &r in roots {
-        last_use.insert(r, usize::MAX);
+        last_use[r.0 as usize] = usize::MAX;
     }
-    let mut values: HashMap<NodeId, Value> = HashMap::new();
+    let mut values: Vec<Option<Value>> = (0..g.len()).map(|_| None).collect();
     for (step, &id) in order.iter().enumerate() {
-        let n = g.node(id);
         if let Some(t) = known.get(&id) {
-            values.insert(id, Value::Tensor(t.clone()));
+            values[id.0 as usize] = Some(Value::Tensor(t.clone()));
             continue;
         }
-        let args: Vec<&Value> = n.args.iter().map(|a| &values[a]).collect();
+        let n = g.node(id);
+        let args: Vec<&Value> =
+            n.args.iter().map(|a| values[a.0 as usize].as_ref().expect("invariant: arguments come first")).collect();
         let v = eval_node(n.op, &args, inputs, extents);
-        values.insert(id, v);
+        values[id.0 as usize] = Some(v);
         for a in &n.args {
-            if last_use.get(a) == Some(&step) {
-                values.remove(a);
+            if last_use[a.0 as usize] == step {
+                values[a.0 as usize] = None;
             }
         }
     }
-    roots.iter().map(|r| values[r].tensor().clone()).collect()
+    roots
+        .iter()
+        .map(|r| values[r.0 as usize].as_ref().expect("invariant: a root is evaluated").tensor().clone())
+        .collect()
 }
 
-/// The nodes `roots` need, in topological order, not looking below known nodes.
+/// The nodes `roots` need, in topological order (ids ascend along edges), not looking
+/// below known nodes.
 fn reachable_stopping_at(g: &Graph, roots: &[NodeId], known: &HashMap<NodeId, Tensor>) -> Vec<NodeId> {
-    let mut seen = std::collections::HashSet::new();
+    let mut seen = vec![false; g.len()];
     let mut stack = roots.to_vec();
     while let Some(id) = stack.pop() {
-        if seen.insert(id) && !known.contains_key(&id) {
+        if !std::mem::replace(&mut seen[id.0 as usize], true) && !known.contains_key(&id) {
             stack.extend(g.node(id).args.iter().copied());
         }
     }
-    let mut order: Vec<NodeId> = seen.into_iter().collect();
-    order.sort();
-    order
+    (0..g.len() as u32).map(NodeId).filter(|id| seen[id.0 as usize]).collect()
 }
 
 fn eval_node(op: Op, args: &[&Value], inputs: &[&Tensor], ext: [usize; 3]) -> Value {

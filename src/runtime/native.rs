@@ -113,8 +113,9 @@ pub(crate) struct Compiled {
     kernels: Kernels,
     /// Per sweep: what it computes, or `None` when it only runs the tail.
     sweeps: Vec<Option<Sweep>>,
-    level: HashMap<NodeId, usize>,
-    order: Vec<NodeId>,
+    /// The tail's nodes that become computable before the first sweep (`tail[0]`) and
+    /// after each (`tail[k + 1]`), in topological order; those a sweep sums are skipped.
+    tail: Vec<Vec<NodeId>>,
     /// Per input: broadcast along positions (read in place, not padded).
     fixed: Vec<bool>,
 }
@@ -126,7 +127,12 @@ fn compile(loss: &Loss, key: &Key) -> Result<Compiled, Error> {
     let SweepPlan { sweeps, level, order } = plan(loss, key, PlanOptions { stash: true, write_uniform: false });
     let specs: Vec<SweepSpec> = sweeps.iter().flatten().map(|s| s.spec.clone()).collect();
     let kernels = sweep::compile(loss.graph(), &specs, &key.shape).map_err(Error::Unsupported)?;
-    Ok(Compiled { kernels, sweeps, level, order, fixed: key.shape.spatial_broadcast.clone() })
+    let g = loss.graph();
+    let mut tail = vec![Vec::new(); sweeps.len() + 1];
+    for id in order.into_iter().filter(|&id| !streamed(g, id)) {
+        tail[level[&id]].push(id);
+    }
+    Ok(Compiled { kernels, sweeps, tail, fixed: key.shape.spatial_broadcast.clone() })
 }
 
 /// Cuts the loss and its wanted gradients into sweep specs for `key`.
@@ -272,12 +278,10 @@ pub fn evaluate(loss: &Loss, inputs: &[View], ext: [usize; 3], grads: &mut [Opti
         .collect();
     let tensors: Vec<&Tensor> = owned.iter().collect();
     let tail = |known: &mut HashMap<NodeId, Tensor>, done: usize| {
-        let ready: Vec<NodeId> = compiled
-            .order
-            .iter()
-            .copied()
-            .filter(|&id| !streamed(g, id) && compiled.level[&id] <= done && !known.contains_key(&id))
-            .collect();
+        let ready: Vec<NodeId> = compiled.tail[done].iter().copied().filter(|id| !known.contains_key(id)).collect();
+        if ready.is_empty() {
+            return;
+        }
         let values = interp::evaluate_with(g, &ready, &tensors, ext, known);
         known.extend(ready.into_iter().zip(values));
     };
