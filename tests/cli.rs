@@ -286,23 +286,45 @@ fn eval_refuses_damaged_files_and_risky_requests() {
         "100000",
     ]);
     assert!(stderr(&o).contains("--threads must be between 1 and"), "{}", stderr(&o));
+    // The environment variable is held to the same bound (10000 took minutes).
+    let o = Command::new(env!("CARGO_BIN_EXE_lossc"))
+        .args(["eval", "dice", "--input", &format!("p={}", p.display()), "--input", &format!("y={}", y.display())])
+        .env("RAYON_NUM_THREADS", "10000")
+        .output()
+        .expect("runs lossc");
+    assert!(stderr(&o).contains("RAYON_NUM_THREADS=10000: at most 1024"), "{}", stderr(&o));
 }
 
 #[test]
 fn npy_headers_are_validated_and_bools_read() {
     let dir = scratch("headers");
-    let hostile = dir.join("hostile.npy");
-    let header = "{'descr': '<f4', 'fortran_order': False, 'shape': (4611686018427387904, 4), }";
-    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-    let pad = 64 - (10 + header.len() + 1) % 64;
-    let full = format!("{header}{}\n", " ".repeat(pad));
-    bytes.extend((full.len() as u16).to_le_bytes());
-    bytes.extend(full.as_bytes());
-    bytes.extend([0u8; 32]);
-    std::fs::write(&hostile, &bytes).expect("write");
-    let o = lossc(&["eval", "mean(p)", "--input", &format!("p={}", hostile.display())]);
-    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
-    assert!(stderr(&o).contains("hostile.npy") && !stderr(&o).contains("panicked"), "{}", stderr(&o));
+    // A header and 32 bytes of data; the error `lossc eval` gives for it.
+    let refusal = |name: &str, header: &str| {
+        let path = dir.join(name);
+        let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+        let pad = 64 - (10 + header.len() + 1) % 64;
+        let full = format!("{header}{}\n", " ".repeat(pad));
+        bytes.extend((full.len() as u16).to_le_bytes());
+        bytes.extend(full.as_bytes());
+        bytes.extend([0u8; 32]);
+        std::fs::write(&path, &bytes).expect("write");
+        let o = lossc(&["eval", "mean(p)", "--input", &format!("p={}", path.display())]);
+        assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+        assert!(stderr(&o).contains(name) && !stderr(&o).contains("panicked"), "{}", stderr(&o));
+        stderr(&o)
+    };
+    refusal("hostile.npy", "{'descr': '<f4', 'fortran_order': False, 'shape': (4611686018427387904, 4), }");
+    // Nesting made npyz's parser take seconds per level beyond a dozen: refused at once.
+    let deep = format!(
+        "{{'descr': '<f4', 'fortran_order': False, 'shape': (8,), 'x': {}{}, }}",
+        "[".repeat(40),
+        "]".repeat(40)
+    );
+    assert!(refusal("deep.npy", &deep).contains("nests deeper"));
+    let extra = refusal("extra.npy", "{'descr': '<f4', 'fortran_order': False, 'shape': (8,), 'x': 1, }");
+    assert!(extra.contains("exactly 'descr', 'fortran_order' and 'shape'"), "{extra}");
+    let wide = refusal("wide.npy", "{'descr': '<u8', 'fortran_order': False, 'shape': (4,), }");
+    assert!(wide.contains("unsupported dtype uint64; use float32"), "{wide}");
 
     let mask = dir.join("mask.npy");
     let file = std::io::BufWriter::new(std::fs::File::create(&mask).expect("create"));

@@ -44,6 +44,7 @@ pub fn evaluate(
     grads: &mut [Option<&mut [f32]>],
 ) -> Result<f64, Error> {
     let ext = check(loss, inputs, grads)?;
+    cap_threads();
     if backend == Backend::Interp {
         return reference(loss, inputs, grads);
     }
@@ -56,6 +57,24 @@ pub fn evaluate(
         return rayon::scope(|_| jit(loss, inputs, ext, grads));
     }
     jit(loss, inputs, ext, grads)
+}
+
+/// The most threads lossc runs on: far more than cores only costs (each thread a stack
+/// and a share of every parallel step); with RAYON_NUM_THREADS=10000 an evaluation of a
+/// few thousand elements took minutes.
+pub const MAX_THREADS: usize = 1024;
+
+/// Holds rayon's global pool to [`MAX_THREADS`] where RAYON_NUM_THREADS asks for more.
+/// Leaves it alone otherwise, and where the host program has already started it.
+fn cap_threads() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let asked = std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.trim().parse::<usize>().ok());
+        if asked.is_some_and(|n| n > MAX_THREADS) {
+            // An error means the pool already runs, sized by whoever started it.
+            let _ = rayon::ThreadPoolBuilder::new().num_threads(MAX_THREADS).build_global();
+        }
+    });
 }
 
 /// Broadcast elements up to which the native engine runs an evaluation on the calling

@@ -180,12 +180,19 @@ fn show(source: &str, grad: bool, plan: bool, params: &str) -> Result<(), Failur
     Ok(())
 }
 
-/// The most worker threads `--threads` starts: far more than cores only costs (each
-/// thread a stack and a share of every parallel step), and 10000 took minutes to start.
-const MAX_THREADS: usize = 1024;
+/// The most worker threads `--threads` (or RAYON_NUM_THREADS) starts.
+const MAX_THREADS: usize = lossc::runtime::MAX_THREADS;
 
-/// Sizes rayon's global pool; without `--threads` rayon follows RAYON_NUM_THREADS.
+/// Sizes rayon's global pool; without `--threads` rayon follows RAYON_NUM_THREADS, held
+/// to the same bounds.
 fn set_threads(threads: Option<usize>) -> Result<(), Failure> {
+    if threads.is_none() {
+        let variable = std::env::var("RAYON_NUM_THREADS").ok();
+        // rayon takes 0, or a value that is no number, as "one per core".
+        if let Some(n) = variable.as_deref().and_then(|v| v.trim().parse::<usize>().ok()).filter(|&n| n > MAX_THREADS) {
+            return Err(Failure(format!("error: RAYON_NUM_THREADS={n}: at most {MAX_THREADS} threads\n")));
+        }
+    }
     if let Some(n) = threads {
         if n == 0 || n > MAX_THREADS {
             return Err(Failure(format!("error: --threads must be between 1 and {MAX_THREADS}\n")));

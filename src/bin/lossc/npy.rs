@@ -43,10 +43,12 @@ pub fn read(path: &Path) -> Result<Array, String> {
 }
 
 fn read_checked(path: &Path, file_len: u64) -> Result<Array, String> {
+    check_header(path)?;
     let file = File::open(path).map_err(|e| e.to_string())?;
     let npy = NpyFile::new(BufReader::new(file)).map_err(|e| match e.kind() {
         std::io::ErrorKind::UnexpectedEof => "truncated: the file ends inside its .npy header".to_string(),
-        _ => e.to_string(),
+        // npyz's own message is its parser's trace; its first line says what was wrong.
+        _ => format!("the .npy header is malformed: {}", e.to_string().lines().next().unwrap_or_default()),
     })?;
     if npy.order() == npyz::Order::Fortran {
         return Err("Fortran-order arrays are not supported; save a C-order array".into());
@@ -61,7 +63,10 @@ fn read_checked(path: &Path, file_len: u64) -> Result<Array, String> {
         (TypeChar::Float, 4 | 8) | (TypeChar::Int, 1 | 2 | 4 | 8) | (TypeChar::Uint, 1 | 4) | (TypeChar::Bool, 1)
     );
     if !supported {
-        return Err(format!("unsupported dtype {:?}{size}; use float32 or float64", ts.type_char()));
+        return Err(format!(
+            "unsupported dtype {}; use float32, float64, int8, int16, int32, int64, uint8, uint32 or bool",
+            numpy_name(ts.type_char(), size)
+        ));
     }
     let bytes = shape.iter().try_fold(size, |acc, &d| acc.checked_mul(d));
     let start = data_offset(path)?;
@@ -105,6 +110,80 @@ fn read_checked(path: &Path, file_len: u64) -> Result<Array, String> {
         return Err(format!("holds {} values but its shape is {shape:?}", data.len()));
     }
     Ok(Array { tensor: Tensor::new(bcs, data), shape, float64 })
+}
+
+/// NumPy's name of a plain dtype, as a user wrote it (`float16`, `uint64`).
+fn numpy_name(kind: TypeChar, size: u64) -> String {
+    let bits = size * 8;
+    match kind {
+        TypeChar::Bool => "bool".into(),
+        TypeChar::Int => format!("int{bits}"),
+        TypeChar::Uint => format!("uint{bits}"),
+        TypeChar::Float => format!("float{bits}"),
+        TypeChar::Complex => format!("complex{bits}"),
+        other => format!("{other:?}{size}"),
+    }
+}
+
+/// The most header bytes read, as NumPy's own `max_header_size` for untrusted files.
+const MAX_HEADER: u64 = 10_000;
+
+/// Checks the header's dict before npyz parses it: its parser takes time exponential in
+/// the nesting of brackets (a 136-byte header with 20 levels takes seconds), and a
+/// plain array's header nests two deep (`{..., 'shape': (2, 3), }`). Also, as NumPy, it
+/// refuses keys other than `descr`, `fortran_order` and `shape`.
+fn check_header(path: &Path) -> Result<(), String> {
+    let mut file = File::open(path).map_err(|e| e.to_string())?;
+    let mut head = [0u8; 12];
+    file.read_exact(&mut head).map_err(|_| "too short for a .npy header".to_string())?;
+    if &head[..6] != b"\x93NUMPY" {
+        return Err("not a .npy file (no \\x93NUMPY magic string)".into());
+    }
+    let start = data_offset(path)?;
+    let skip = if head[6] == 1 { 10 } else { 12 };
+    if start - skip > MAX_HEADER {
+        return Err(format!(
+            "the .npy header is {} bytes, more than the {MAX_HEADER} a plain array needs",
+            start - skip
+        ));
+    }
+    let mut text = Vec::new();
+    let file = File::open(path).map_err(|e| e.to_string())?;
+    file.take(start).read_to_end(&mut text).map_err(|e| e.to_string())?;
+    let text = text.get(skip as usize..start as usize).ok_or("truncated: the file ends inside its .npy header")?;
+    let (mut depth, mut quote, mut keys, mut string) = (0usize, None, Vec::new(), Vec::new());
+    for (i, &c) in text.iter().enumerate() {
+        match (quote, c) {
+            (Some(q), _) if c == q => {
+                quote = None;
+                // A string at the dict's level followed by a colon is a key.
+                let rest = text[i + 1..].iter().find(|c| !c.is_ascii_whitespace());
+                if depth == 1 && rest == Some(&b':') {
+                    keys.push(String::from_utf8_lossy(&string).into_owned());
+                }
+            }
+            (Some(_), _) => string.push(c),
+            (None, b'\'' | b'"') => {
+                quote = Some(c);
+                string.clear();
+            }
+            (None, b'{' | b'[' | b'(') => {
+                depth += 1;
+                if depth > 2 {
+                    return Err("the .npy header nests deeper than a plain array's (a structured dtype?)".into());
+                }
+            }
+            (None, b'}' | b']' | b')') => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    keys.sort();
+    if keys != ["descr", "fortran_order", "shape"] {
+        return Err(format!(
+            "the .npy header's keys are {keys:?}; a NumPy header has exactly 'descr', 'fortran_order' and 'shape'"
+        ));
+    }
+    Ok(())
 }
 
 /// Where the data starts: after the magic string, the version, the header's length (two
