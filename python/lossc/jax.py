@@ -76,7 +76,21 @@ def function(source, reference=False, **params):
             jax.ShapeDtypeStruct((), out_dtype()),
             tuple(jax.ShapeDtypeStruct(jnp.shape(args[i]), dtypes[i]) for i in wanted),
         )
-        value, grads = jax.pure_callback(value_and_grad, shapes, *args, vmap_method="sequential")
+        @jax.custom_jvp
+        def fused(*arrays):
+            return jax.pure_callback(value_and_grad, shapes, *arrays, vmap_method="sequential")
+
+        @fused.defjvp
+        def _(primals, tangents):
+            # Differentiating the gradient (jax.hessian, grad of grad): the gradients are
+            # numbers from the callback, not a trace, so say so rather than JAX's advice
+            # to write a custom_jvp.
+            raise TypeError(
+                f"lossc.jax gives first derivatives only: the gradient of {loss.name} cannot be "
+                "differentiated again (jax.hessian, grad of grad)"
+            )
+
+        value, grads = fused(*args)
         by_input = dict(zip(wanted, grads))
         return value, tuple(by_input.get(i) for i in range(count))
 
