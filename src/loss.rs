@@ -451,19 +451,45 @@ pub fn parse_params(text: &str) -> Result<Vec<(String, f64)>, Error> {
         let Some((k, v)) = item.split_once('=') else {
             return Err(Error::Params(format!("expected `name=value` in the parameter list, found `{item}`")));
         };
-        let v: f64 =
-            v.trim().parse().map_err(|_| Error::Params(format!("`{}` is not a number (in `{item}`)", v.trim())))?;
-        if !v.is_finite() {
-            return Err(Error::Params(format!("parameter `{}` must be finite, found {v}", k.trim())));
+        let (k, text) = (k.trim(), v.trim());
+        if k.is_empty() {
+            return Err(Error::Params(format!("a parameter's name is missing in `{item}`")));
         }
-        out.push((k.trim().to_string(), v));
+        let v: f64 = text.parse().map_err(|_| Error::Params(format!("`{text}` is not a number (in `{item}`)")))?;
+        if !v.is_finite() {
+            return Err(Error::Params(format!("parameter `{k}` must be finite, found {v}")));
+        }
+        // `1e-400` parses as 0: a value the user wrote as non-zero must not silently be one.
+        if v == 0.0 && !zero_digits(text) {
+            return Err(Error::Params(format!("parameter `{k}` = {text} is too small for a double (it would be 0)")));
+        }
+        out.push((k.to_string(), v));
     }
     Ok(out)
+}
+
+/// Whether the digits of a number's significand (before any exponent) are all zeros.
+fn zero_digits(number: &str) -> bool {
+    let significand = number.split(['e', 'E']).next().unwrap_or(number);
+    significand.bytes().filter(u8::is_ascii_digit).all(|b| b == b'0')
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parameter_lists_refuse_missing_names_and_values_that_round_to_zero() {
+        assert_eq!(
+            parse_params(" smooth = 0.5 ,, gamma=2,").expect("parses"),
+            [("smooth".into(), 0.5), ("gamma".into(), 2.0)]
+        );
+        assert_eq!(parse_params("a=0e5, b=0.000, c=-0").expect("zeros").len(), 3);
+        for (text, says) in [("=3", "name is missing"), ("smooth=1e-400", "too small"), ("a=x", "not a number")] {
+            let err = parse_params(text).err().expect(text).to_string();
+            assert!(err.contains(says), "{text}: {err}");
+        }
+    }
 
     #[test]
     fn a_lone_name_that_is_no_stdlib_loss_gets_a_suggestion() {
