@@ -349,3 +349,25 @@ fn emit_ptx() {
     let o = lossc(&["emit", "--ptx", "--sm", "61", "dice"]);
     assert!(!o.status.success() && stderr(&o).contains("sm_70, sm_80 or sm_90"), "{}", stderr(&o));
 }
+
+#[test]
+fn repeated_gradients_and_zero_demo_steps_are_refused() {
+    let dir = scratch("repeats");
+    let p = dir.join("p.npy");
+    write_npy_f32(&p, &[1, 1, 4], &[0.2, 0.4, 0.6, 0.8]);
+    let (a, b) = (dir.join("a.npy"), dir.join("b.npy"));
+    let o = lossc(&[
+        "eval",
+        "mean(p * p)",
+        "--input",
+        &format!("p={}", p.display()),
+        "--grad",
+        &format!("p={}", a.display()),
+        "--grad",
+        &format!("p={}", b.display()),
+    ]);
+    assert!(stderr(&o).contains("--grad p is given twice"), "{}", stderr(&o));
+    assert!(!a.exists() && !b.exists());
+    let o = lossc(&["demo", "--steps", "0"]);
+    assert!(!o.status.success() && stderr(&o).contains("0 is not in 1.."), "{}", stderr(&o));
+}

@@ -79,8 +79,8 @@ enum Command {
         /// The loss, in terms of logits `x` and masks `y`.
         #[arg(long, default_value = "0.5*dice(sigmoid(x), y) + bce_logits(x, y)")]
         loss: String,
-        #[arg(long, default_value_t = 300)]
-        steps: usize,
+        #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+        steps: u64,
         #[arg(long, default_value_t = 7)]
         seed: u64,
         /// Instead of training, evaluate every stdlib loss and its gradient once.
@@ -113,7 +113,7 @@ fn main() -> ExitCode {
         }
         Command::Demo { stdlib: true, .. } => demo(),
         Command::Demo { loss, steps, seed, stdlib: false } => {
-            demo::train(&demo::Settings { loss, steps: steps.max(1), seed }).map_err(Failure)
+            demo::train(&demo::Settings { loss, steps: steps as usize, seed }).map_err(Failure)
         }
     };
     match result {
@@ -234,7 +234,11 @@ fn eval(source: &str, params: &str, inputs: &[String], grads: &[String], backend
     let mut wanted: Vec<(usize, String)> = Vec::new();
     for item in grads {
         let (name, file) = split(item)?;
-        wanted.push((position(&name)?, file));
+        let i = position(&name)?;
+        if wanted.iter().any(|(j, _)| *j == i) {
+            return Err(Failure(format!("error: --grad {name} is given twice\n")));
+        }
+        wanted.push((i, file));
     }
     let mut reads: Vec<&Path> =
         inputs.iter().filter_map(|item| item.split_once('=')).map(|(_, f)| Path::new(f)).collect();
