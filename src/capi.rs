@@ -774,7 +774,8 @@ pub unsafe extern "C" fn lossc_check_shapes(loss: *const Loss, shapes: *const Sh
 }
 
 /// How many terms the loss's top-level sum has: 2 for
-/// "0.5*dice(sigmoid(x), y) + bce_logits(x, y)", 1 for a loss that is not a sum
+/// "0.5*dice(sigmoid(x), y) + bce_logits(x, y)", 3 for "a + b - c" (a subtracted term
+/// counts, negated; a constant is no term of its own), 1 for a loss that is not a sum
 /// (0 if `loss` is NULL). May run concurrently with any other call on the same loss
 /// except `lossc_free`.
 ///

@@ -248,22 +248,27 @@ impl Loss {
     /// whose values add up to the loss. A loss that is not a sum is its own single term.
     /// The terms are those of the simplified graph, as `show` prints them.
     pub fn terms(&self) -> Vec<Loss> {
+        // (node, subtracted): `a - b` has the terms `a` and `-b`, exactly (a - b = a + -b).
+        // A constant is no term of its own: Dice's `1 - ratio` stays whole.
         let mut roots = Vec::new();
-        let mut stack = vec![self.root];
-        while let Some(id) = stack.pop() {
+        let mut stack = vec![(self.root, false)];
+        while let Some((id, negated)) = stack.pop() {
             let node = self.graph.node(id);
-            if node.op == Op::Add {
-                stack.extend([node.args[1], node.args[0]]);
-            } else {
-                roots.push(id);
+            let constant = node.args.iter().any(|&a| self.graph.constant_value(a).is_some());
+            match node.op {
+                Op::Add if !constant => stack.extend([(node.args[1], negated), (node.args[0], negated)]),
+                Op::Sub if !constant => stack.extend([(node.args[1], !negated), (node.args[0], negated)]),
+                _ => roots.push((id, negated)),
             }
         }
         if roots.len() == 1 {
             return vec![self.clone()];
         }
-        let term = |(i, root): (usize, NodeId)| {
+        let term = |(i, (root, negated)): (usize, (NodeId, bool))| {
+            let mut graph = self.graph.clone();
+            let root = if negated { graph.add(Op::Neg, &[root]) } else { root };
             let lowered = check::Lowered {
-                graph: self.graph.clone(),
+                graph,
                 root,
                 inputs: self.inputs.clone(),
                 input_nodes: vec![],
@@ -520,5 +525,14 @@ mod tests {
         }
         assert!(terms[1].show().starts_with("loss expr[1](x, y)"), "{}", terms[1].show());
         assert_eq!(Loss::compile("dice", "").expect("dice").terms().len(), 1);
+        // A subtracted term is a term, negated; the terms still add up to the loss.
+        let loss = Loss::compile("dice(sigmoid(x), y) + bce_logits(x, y) - 0.1*mean(x)", "").expect("compiles");
+        let terms = loss.terms();
+        assert_eq!(terms.len(), 3);
+        let minus = Loss::compile("-0.1*mean(x)", "").expect("compiles");
+        let x = [refs[0]];
+        assert_eq!(terms[2].eval(&refs).expect("a term"), minus.eval(&x).expect("evaluates"));
+        let sum: f64 = terms.iter().map(|t| t.eval(&refs).expect("a term")).sum();
+        assert!((sum - loss.eval(&refs).expect("the loss")).abs() < 1e-12);
     }
 }

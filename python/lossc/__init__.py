@@ -235,7 +235,8 @@ class Loss:
 
     @property
     def terms(self):
-        """The terms of the loss's top-level sum, each as the text of a loss of its own."""
+        """The terms of the loss's top-level sum (`a + b - c` has three, the last `-c`),
+        each as the text of a loss of its own."""
         return tuple(lib.lossc_term_text(self._handle, i).decode() for i in range(lib.lossc_num_terms(self._handle)))
 
     def __call__(self, *arrays, reference=False):
