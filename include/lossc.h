@@ -215,7 +215,8 @@ const char *lossc_stdlib_signature(size_t i);
  *
  * `inputs` and `shapes` hold `n_inputs` entries, one per input in declaration order
  * (`lossc_input_name`); `inputs[i]` is a contiguous row-major array of
- * `batch * classes * spatial` floats as `shapes[i]` says. An extent of 1 broadcasts.
+ * `batch * classes * spatial` floats as `shapes[i]` says, aligned to its element (a
+ * misaligned array is `LOSSC_STATUS_INVALID_ARGUMENT`). An extent of 1 broadcasts.
  * `grads` is NULL for the value only, or an array of `n_inputs` pointers: a non-NULL
  * `grads[i]` receives d loss / d input i, shaped like input i; NULL entries are
  * skipped. On success `*loss_out` receives the value; on failure it is untouched and
@@ -288,7 +289,8 @@ lossc_status lossc_check_shapes(const lossc_loss *loss, const lossc_shape *shape
 /**
  * How many terms the loss's top-level sum has: 2 for
  * "0.5*dice(sigmoid(x), y) + bce_logits(x, y)", 3 for "a + b - c" (a subtracted term
- * counts, negated; a constant is no term of its own), 1 for a loss that is not a sum
+ * counts, negated, but not one subtracted from a constant: Dice's 1 - ratio is one
+ * term), 1 for a loss that is not a sum
  * (0 if `loss` is NULL). May run concurrently with any other call on the same loss
  * except `lossc_free`.
  *

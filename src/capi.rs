@@ -305,6 +305,7 @@ unsafe fn read_pointers<T>(
         if data.is_null() {
             return Err(Failure::new(Status::NullArgument, format!("error: `inputs[{i}]` (input `{name}`) is NULL\n")));
         }
+        aligned(data, || format!("`inputs[{i}]` (input `{name}`)"))?;
         out.push((shape, len, data));
     }
     Ok(out)
@@ -362,18 +363,35 @@ fn extents<T>(shape: Shape, name: &str) -> Result<([usize; 3], usize), Failure> 
 /// # Safety
 /// `grads` is NULL or points to `arrays.len()` pointers, each NULL or to a writable
 /// array as long as the matching input, overlapping no other array of the call.
-unsafe fn read_grads<'a, T, U>(grads: *const *mut T, arrays: &[Array<U>]) -> Vec<Option<&'a mut [T]>> {
+unsafe fn read_grads<'a, T, U>(grads: *const *mut T, arrays: &[Array<U>]) -> Result<Vec<Option<&'a mut [T]>>, Failure> {
     if grads.is_null() {
-        return vec![];
+        return Ok(vec![]);
     }
     (0..arrays.len())
         .map(|i| {
             // SAFETY: `grads` holds one pointer per input.
             let p = unsafe { *grads.add(i) };
-            // SAFETY: NULL or a writable array of the input's length, not aliased.
-            (!p.is_null()).then(|| unsafe { std::slice::from_raw_parts_mut(p, arrays[i].1.len()) })
+            if p.is_null() {
+                return Ok(None);
+            }
+            aligned(p.cast_const(), || format!("`grads[{i}]`"))?;
+            // SAFETY: a writable array of the input's length, not aliased, aligned.
+            Ok(Some(unsafe { std::slice::from_raw_parts_mut(p, arrays[i].1.len()) }))
         })
         .collect()
+}
+
+/// Refuses an array that does not start at a multiple of its element's size: Rust (and
+/// the kernels) read floats only there. NumPy can make such views (`buf[1:].view(...)`).
+fn aligned<T>(p: *const T, what: impl Fn() -> String) -> Result<(), Failure> {
+    let align = std::mem::align_of::<T>();
+    if (p as usize).is_multiple_of(align) {
+        return Ok(());
+    }
+    Err(Failure::new(
+        Status::InvalidArgument,
+        format!("error: {} is not aligned: it must start at a multiple of {align} bytes\n", what()),
+    ))
 }
 
 /// The loss on float32 views by the native runtime, or by the f64 reference evaluator
@@ -636,7 +654,8 @@ pub extern "C" fn lossc_stdlib_signature(i: usize) -> *const c_char {
 ///
 /// `inputs` and `shapes` hold `n_inputs` entries, one per input in declaration order
 /// (`lossc_input_name`); `inputs[i]` is a contiguous row-major array of
-/// `batch * classes * spatial` floats as `shapes[i]` says. An extent of 1 broadcasts.
+/// `batch * classes * spatial` floats as `shapes[i]` says, aligned to its element (a
+/// misaligned array is `LOSSC_STATUS_INVALID_ARGUMENT`). An extent of 1 broadcasts.
 /// `grads` is NULL for the value only, or an array of `n_inputs` pointers: a non-NULL
 /// `grads[i]` receives d loss / d input i, shaped like input i; NULL entries are
 /// skipped. On success `*loss_out` receives the value; on failure it is untouched and
@@ -668,7 +687,7 @@ pub unsafe extern "C" fn lossc_eval(
         let loss_out = non_null(loss_out, "loss_out")?;
         let arrays = unsafe { read_inputs(&loss.loss, inputs, shapes, n_inputs) }?;
         let views: Vec<View> = arrays.iter().map(|&(shape, data)| View::new(shape, data)).collect();
-        let mut grads = unsafe { read_grads(grads, &arrays) };
+        let mut grads = unsafe { read_grads(grads, &arrays) }?;
         let value = evaluate(&loss.loss, &views, &mut grads)?;
         unsafe { *loss_out = value };
         Ok(Status::Ok)
@@ -698,7 +717,7 @@ pub unsafe extern "C" fn lossc_eval_f64(
         let arrays = unsafe { read_inputs(&loss.loss, inputs, shapes, n_inputs) }?;
         let tensors: Vec<Tensor> = arrays.iter().map(|&(shape, data)| Tensor { shape, data: data.to_vec() }).collect();
         let refs: Vec<&Tensor> = tensors.iter().collect();
-        let mut grads = unsafe { read_grads(grads, &arrays) };
+        let mut grads = unsafe { read_grads(grads, &arrays) }?;
         if grads.iter().all(Option::is_none) {
             let value = loss.loss.eval(&refs)?;
             unsafe { *loss_out = value };
@@ -775,7 +794,8 @@ pub unsafe extern "C" fn lossc_check_shapes(loss: *const Loss, shapes: *const Sh
 
 /// How many terms the loss's top-level sum has: 2 for
 /// "0.5*dice(sigmoid(x), y) + bce_logits(x, y)", 3 for "a + b - c" (a subtracted term
-/// counts, negated; a constant is no term of its own), 1 for a loss that is not a sum
+/// counts, negated, but not one subtracted from a constant: Dice's 1 - ratio is one
+/// term), 1 for a loss that is not a sum
 /// (0 if `loss` is NULL). May run concurrently with any other call on the same loss
 /// except `lossc_free`.
 ///
@@ -949,6 +969,35 @@ mod tests {
     fn last_error() -> String {
         // SAFETY: lossc_last_error never returns NULL and its string lives until the next failure.
         unsafe { CStr::from_ptr(lossc_last_error()) }.to_string_lossy().into_owned()
+    }
+
+    #[test]
+    fn misaligned_arrays_are_refused() {
+        let mut loss = std::ptr::null_mut();
+        // SAFETY: a valid C string and out-pointer.
+        assert_eq!(unsafe { lossc_compile(c"dice".as_ptr(), std::ptr::null(), &mut loss) }, Status::Ok);
+        let storage = [0.5f32; 10];
+        let y = [1.0f32; 8];
+        // One byte past an aligned float: a view NumPy can make.
+        let odd = storage.as_ptr().cast::<u8>().wrapping_add(1).cast::<f32>();
+        let shapes = [Shape { batch: 1, classes: 1, spatial: 8 }; 2];
+        let mut value = 0.0;
+        // SAFETY: the pointers are valid for the calls' contract but for the misalignment,
+        // which lossc must refuse before reading.
+        let status =
+            unsafe { lossc_eval(loss, [odd, y.as_ptr()].as_ptr(), shapes.as_ptr(), 2, &mut value, std::ptr::null()) };
+        assert_eq!(status, Status::InvalidArgument);
+        assert!(last_error().contains("`inputs[0]` (input `p`) is not aligned"), "{}", last_error());
+        let mut grad = [0.0f32; 9];
+        let odd_grad = grad.as_mut_ptr().cast::<u8>().wrapping_add(2).cast::<f32>();
+        let grads = [odd_grad, std::ptr::null_mut()];
+        let inputs = [storage.as_ptr(), y.as_ptr()];
+        // SAFETY: as above.
+        let status = unsafe { lossc_eval(loss, inputs.as_ptr(), shapes.as_ptr(), 2, &mut value, grads.as_ptr()) };
+        assert_eq!(status, Status::InvalidArgument);
+        assert!(last_error().contains("`grads[0]` is not aligned"), "{}", last_error());
+        // SAFETY: `loss` came from lossc_compile.
+        unsafe { lossc_free(loss) };
     }
 
     #[test]

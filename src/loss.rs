@@ -248,15 +248,15 @@ impl Loss {
     /// whose values add up to the loss. A loss that is not a sum is its own single term.
     /// The terms are those of the simplified graph, as `show` prints them.
     pub fn terms(&self) -> Vec<Loss> {
-        // (node, subtracted): `a - b` has the terms `a` and `-b`, exactly (a - b = a + -b).
-        // A constant is no term of its own: Dice's `1 - ratio` stays whole.
+        // (node, subtracted): `a - b` has the terms `a` and `-b`, exactly (a - b = a + -b),
+        // but a difference with a constant stays whole: Dice's `1 - ratio` is one term.
         let mut roots = Vec::new();
         let mut stack = vec![(self.root, false)];
         while let Some((id, negated)) = stack.pop() {
             let node = self.graph.node(id);
             let constant = node.args.iter().any(|&a| self.graph.constant_value(a).is_some());
             match node.op {
-                Op::Add if !constant => stack.extend([(node.args[1], negated), (node.args[0], negated)]),
+                Op::Add => stack.extend([(node.args[1], negated), (node.args[0], negated)]),
                 Op::Sub if !constant => stack.extend([(node.args[1], !negated), (node.args[0], negated)]),
                 _ => roots.push((id, negated)),
             }
@@ -534,5 +534,8 @@ mod tests {
         assert_eq!(terms[2].eval(&refs).expect("a term"), minus.eval(&x).expect("evaluates"));
         let sum: f64 = terms.iter().map(|t| t.eval(&refs).expect("a term")).sum();
         assert!((sum - loss.eval(&refs).expect("the loss")).abs() < 1e-12);
+        // An added constant is a term, as it was before subtraction split terms.
+        let loss = Loss::compile("dice(sigmoid(x), y) + bce_logits(x, y) + 1", "").expect("compiles");
+        assert_eq!(loss.terms().len(), 3);
     }
 }

@@ -293,6 +293,14 @@ fn eval_refuses_damaged_files_and_risky_requests() {
         .output()
         .expect("runs lossc");
     assert!(stderr(&o).contains("RAYON_NUM_THREADS=10000: at most 1024"), "{}", stderr(&o));
+    // And so is the older variable rayon still reads.
+    let o = Command::new(env!("CARGO_BIN_EXE_lossc"))
+        .args(["eval", "dice", "--input", &format!("p={}", p.display()), "--input", &format!("y={}", y.display())])
+        .env_remove("RAYON_NUM_THREADS")
+        .env("RAYON_RS_NUM_CPUS", "5000")
+        .output()
+        .expect("runs lossc");
+    assert!(stderr(&o).contains("RAYON_RS_NUM_CPUS=5000: at most 1024"), "{}", stderr(&o));
 }
 
 #[test]
@@ -321,6 +329,13 @@ fn npy_headers_are_validated_and_bools_read() {
         "]".repeat(40)
     );
     assert!(refusal("deep.npy", &deep).contains("nests deeper"));
+    // Nor can an escaped quote hide brackets from the check (npyz honours escapes).
+    let escaped = format!(
+        "{{'descr': '<f4', 'fortran_order': False, 'shape': ['x\\' ', {}1{}, ' '], }}",
+        "[".repeat(40),
+        "]".repeat(40)
+    );
+    assert!(refusal("escaped.npy", &escaped).contains("backslash"));
     let extra = refusal("extra.npy", "{'descr': '<f4', 'fortran_order': False, 'shape': (8,), 'x': 1, }");
     assert!(extra.contains("exactly 'descr', 'fortran_order' and 'shape'"), "{extra}");
     let wide = refusal("wide.npy", "{'descr': '<u8', 'fortran_order': False, 'shape': (4,), }");

@@ -302,10 +302,12 @@ class Loss:
         names = self.inputs + tuple(f"#{i}" for i in range(len(self.inputs), len(arrays)))
         inputs = []
         for name, a in zip(names, arrays):
-            if type(a) is not np.ndarray or a.dtype != dtype or not a.flags.c_contiguous:
+            if type(a) is not np.ndarray or a.dtype != dtype or not a.flags.c_contiguous or not a.flags.aligned:
                 a = _as_real(name, a)
                 # np.ascontiguousarray makes a 0-d array 1-d: keep the shape, for the gradient's.
                 a = np.ascontiguousarray(a, dtype=dtype).reshape(a.shape)
+                if not a.flags.aligned:
+                    a = a.copy()  # a view at an odd address (`buf[1:].view(np.float32)`)
             inputs.append(a)
         shapes = (Shape * max(len(inputs), 1))(*(Shape(*layout(a.shape)) for a in inputs))
         pointers = (ctypes.c_void_p * max(len(inputs), 1))(*(_address(a) for a in inputs))
@@ -333,11 +335,11 @@ class Loss:
             return np.empty(like.shape, dtype=dtype)
         if not isinstance(given, np.ndarray):
             raise TypeError(f"`out` for `{self.inputs[i]}` is a {type(given).__name__}, not a numpy array")
-        if given.dtype != dtype or not given.flags.c_contiguous or not given.flags.writeable:
+        if given.dtype != dtype or not given.flags.c_contiguous or not given.flags.writeable or not given.flags.aligned:
             raise ValueError(
-                f"`out` for `{self.inputs[i]}` must be a writable C-contiguous {np.dtype(dtype).name} array, "
-                f"got {given.dtype}{'' if given.flags.c_contiguous else ', not contiguous'}"
-                f"{'' if given.flags.writeable else ', read-only'}"
+                f"`out` for `{self.inputs[i]}` must be a writable, aligned, C-contiguous {np.dtype(dtype).name} "
+                f"array, got {given.dtype}{'' if given.flags.c_contiguous else ', not contiguous'}"
+                f"{'' if given.flags.writeable else ', read-only'}{'' if given.flags.aligned else ', not aligned'}"
             )
         if given.shape != like.shape:
             raise ValueError(f"`out` for `{self.inputs[i]}` has shape {given.shape}; the input has {like.shape}")

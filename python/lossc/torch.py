@@ -99,6 +99,8 @@ def _forward(loss, reference, wanted, *tensors):
 def _setup_context(ctx, inputs, output):
     loss, reference, wanted, *tensors = inputs
     ctx.mark_non_differentiable(*output[1:])
+    # Else autograd hands backward a zero tensor the size of each gradient output.
+    ctx.set_materialize_grads(False)
     ctx.loss, ctx.reference, ctx.wanted, ctx.grads = loss, reference, wanted, list(output[1:])
     ctx.dtypes = [t.dtype for t in tensors]
     # Only a second backward (retain_graph=True) reads the inputs back, to recompute the
@@ -108,6 +110,9 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_output, *_):
+    if grad_output is None:
+        # No gradient reaches the value (grads are not materialized): none to give.
+        return (None,) * (3 + len(ctx.dtypes))
     with _handover:
         grads, ctx.grads = ctx.grads, None
     if grads is None:
@@ -169,6 +174,9 @@ class _EvaluateTransformed(torch.autograd.Function):
         if info.batch_size == 0:
             raise ValueError(f"vmap of {loss.name} over an empty axis: there is no example to evaluate")
         dims = in_dims[3:]
+        # A mapped tensor reports no requires_grad above this level (vmap under plain
+        # autograd): the tensors here tell which gradients autograd will want.
+        wanted = tuple(sorted(set(wanted) | {i for i, t in enumerate(tensors) if t.requires_grad}))
         results = []
         for k in range(info.batch_size):
             example = [t if d is None else t.select(d, k) for t, d in zip(tensors, dims)]

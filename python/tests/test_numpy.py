@@ -239,6 +239,15 @@ class Interface(unittest.TestCase):
         expected = (sigmoid(x.astype(np.float32).astype(np.float64)) - y) / y.size
         self.assertLess(np.abs(out - expected).max(), 1e-6 * np.abs(expected).max())
         self.assertAlmostEqual(value, loss(x, y))
+        # A float32 view at an odd address is read through an aligned copy; as a
+        # gradient buffer it is refused.
+        raw = np.zeros(4 * 60 + 1, np.uint8)
+        odd = raw[1:].view(np.float32).reshape(2, 1, 30)
+        odd[...] = x
+        self.assertFalse(odd.flags.aligned)
+        self.assertEqual(loss(odd, y), loss(x.astype(np.float32), y))
+        with self.assertRaisesRegex(ValueError, "not aligned"):
+            loss.value_and_grad(x, y, wrt=["x"], out=[odd])
 
     def test_threads_share_one_loss_and_agree_bitwise(self):
         loss = lossc.Loss("0.5*dice(sigmoid(x), y) + bce_logits(x, y)")

@@ -216,6 +216,12 @@ class Behaviour(unittest.TestCase):
             grad, value = torch.func.grad_and_value(combined)(xs[k].double(), ys[k].double())
             self.assertLess((per_example[0][k] - grad).abs().max().item(), 1e-6)
             self.assertAlmostEqual(per_example[1][k].item(), value.item(), places=6)
+        # vmap under plain autograd: per-example losses that backward differentiates.
+        leaf = xs.clone().requires_grad_()
+        torch.func.vmap(criterion)(leaf, ys).sum().backward()
+        for k in range(4):
+            expected = torch.func.grad(combined)(xs[k].double(), ys[k].double())
+            self.assertLess((leaf.grad[k] - expected).abs().max().item(), 1e-6)
         # A mapped axis that is not the first, and an input that is not mapped.
         values = torch.func.vmap(criterion, in_dims=(2, None))(xs.movedim(0, 2), ys[0])
         for k in range(4):

@@ -64,13 +64,24 @@ pub fn evaluate(
 /// few thousand elements took minutes.
 pub const MAX_THREADS: usize = 1024;
 
-/// Holds rayon's global pool to [`MAX_THREADS`] where RAYON_NUM_THREADS asks for more.
+/// The thread count the environment asks rayon's global pool for, with the variable that
+/// asks: read as rayon reads it (RAYON_NUM_THREADS, else the older RAYON_RS_NUM_CPUS; 0
+/// or no number is "one per core", `None` here).
+pub fn threads_from_environment() -> Option<(&'static str, usize)> {
+    let read = |name: &'static str| std::env::var(name).ok().and_then(|v| v.parse::<usize>().ok()).map(|n| (name, n));
+    match read("RAYON_NUM_THREADS") {
+        Some((_, 0)) => None,
+        Some(asked) => Some(asked),
+        None => read("RAYON_RS_NUM_CPUS").filter(|&(_, n)| n > 0),
+    }
+}
+
+/// Holds rayon's global pool to [`MAX_THREADS`] where the environment asks for more.
 /// Leaves it alone otherwise, and where the host program has already started it.
 fn cap_threads() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        let asked = std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.trim().parse::<usize>().ok());
-        if asked.is_some_and(|n| n > MAX_THREADS) {
+        if threads_from_environment().is_some_and(|(_, n)| n > MAX_THREADS) {
             // An error means the pool already runs, sized by whoever started it.
             let _ = rayon::ThreadPoolBuilder::new().num_threads(MAX_THREADS).build_global();
         }

@@ -187,10 +187,8 @@ const MAX_THREADS: usize = lossc::runtime::MAX_THREADS;
 /// to the same bounds.
 fn set_threads(threads: Option<usize>) -> Result<(), Failure> {
     if threads.is_none() {
-        let variable = std::env::var("RAYON_NUM_THREADS").ok();
-        // rayon takes 0, or a value that is no number, as "one per core".
-        if let Some(n) = variable.as_deref().and_then(|v| v.trim().parse::<usize>().ok()).filter(|&n| n > MAX_THREADS) {
-            return Err(Failure(format!("error: RAYON_NUM_THREADS={n}: at most {MAX_THREADS} threads\n")));
+        if let Some((variable, n)) = lossc::runtime::threads_from_environment().filter(|&(_, n)| n > MAX_THREADS) {
+            return Err(Failure(format!("error: {variable}={n}: at most {MAX_THREADS} threads\n")));
         }
     }
     if let Some(n) = threads {

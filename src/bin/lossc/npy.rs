@@ -151,6 +151,25 @@ fn check_header(path: &Path) -> Result<(), String> {
     let file = File::open(path).map_err(|e| e.to_string())?;
     file.take(start).read_to_end(&mut text).map_err(|e| e.to_string())?;
     let text = text.get(skip as usize..start as usize).ok_or("truncated: the file ends inside its .npy header")?;
+    // npyz honours escapes, which could hide brackets inside what looks like a string here;
+    // no plain header has a backslash, and brackets count wherever they are.
+    if text.contains(&b'\\') {
+        return Err("the .npy header holds a backslash, which no plain array's header has".into());
+    }
+    if text
+        .iter()
+        .scan(0usize, |depth, &c| {
+            match c {
+                b'{' | b'[' | b'(' => *depth += 1,
+                b'}' | b']' | b')' => *depth = depth.saturating_sub(1),
+                _ => {}
+            }
+            Some(*depth)
+        })
+        .any(|depth| depth > 2)
+    {
+        return Err("the .npy header nests deeper than a plain array's (a structured dtype?)".into());
+    }
     let (mut depth, mut quote, mut keys, mut string) = (0usize, None, Vec::new(), Vec::new());
     for (i, &c) in text.iter().enumerate() {
         match (quote, c) {
@@ -167,12 +186,7 @@ fn check_header(path: &Path) -> Result<(), String> {
                 quote = Some(c);
                 string.clear();
             }
-            (None, b'{' | b'[' | b'(') => {
-                depth += 1;
-                if depth > 2 {
-                    return Err("the .npy header nests deeper than a plain array's (a structured dtype?)".into());
-                }
-            }
+            (None, b'{' | b'[' | b'(') => depth += 1,
             (None, b'}' | b']' | b')') => depth = depth.saturating_sub(1),
             _ => {}
         }
