@@ -286,20 +286,18 @@ fn eval_refuses_damaged_files_and_risky_requests() {
         "100000",
     ]);
     assert!(stderr(&o).contains("--threads must be between 1 and"), "{}", stderr(&o));
-    // The environment variable is held to the same bound (10000 took minutes).
-    let o = Command::new(env!("CARGO_BIN_EXE_lossc"))
-        .args(["eval", "dice", "--input", &format!("p={}", p.display()), "--input", &format!("y={}", y.display())])
-        .env("RAYON_NUM_THREADS", "10000")
-        .output()
-        .expect("runs lossc");
+    // The environment variables rayon reads are held to the same bound (10000 took minutes).
+    let with_env = |name: &str, value: &str| {
+        Command::new(env!("CARGO_BIN_EXE_lossc"))
+            .args(["eval", "dice", "--input", &format!("p={}", p.display()), "--input", &format!("y={}", y.display())])
+            .env_remove("RAYON_NUM_THREADS")
+            .env(name, value)
+            .output()
+            .expect("runs lossc")
+    };
+    let o = with_env("RAYON_NUM_THREADS", "10000");
     assert!(stderr(&o).contains("RAYON_NUM_THREADS=10000: at most 1024"), "{}", stderr(&o));
-    // And so is the older variable rayon still reads.
-    let o = Command::new(env!("CARGO_BIN_EXE_lossc"))
-        .args(["eval", "dice", "--input", &format!("p={}", p.display()), "--input", &format!("y={}", y.display())])
-        .env_remove("RAYON_NUM_THREADS")
-        .env("RAYON_RS_NUM_CPUS", "5000")
-        .output()
-        .expect("runs lossc");
+    let o = with_env("RAYON_RS_NUM_CPUS", "5000");
     assert!(stderr(&o).contains("RAYON_RS_NUM_CPUS=5000: at most 1024"), "{}", stderr(&o));
 }
 

@@ -139,39 +139,32 @@ fn check_header(path: &Path) -> Result<(), String> {
     if &head[..6] != b"\x93NUMPY" {
         return Err("not a .npy file (no \\x93NUMPY magic string)".into());
     }
-    let start = data_offset(path)?;
     let skip = if head[6] == 1 { 10 } else { 12 };
-    if start - skip > MAX_HEADER {
-        return Err(format!(
-            "the .npy header is {} bytes, more than the {MAX_HEADER} a plain array needs",
-            start - skip
-        ));
+    let length = data_offset(path)? - skip;
+    if length > MAX_HEADER {
+        return Err(format!("the .npy header is {length} bytes, more than the {MAX_HEADER} a plain array needs"));
     }
-    let mut text = Vec::new();
-    let file = File::open(path).map_err(|e| e.to_string())?;
-    file.take(start).read_to_end(&mut text).map_err(|e| e.to_string())?;
-    let text = text.get(skip as usize..start as usize).ok_or("truncated: the file ends inside its .npy header")?;
-    // npyz honours escapes, which could hide brackets inside what looks like a string here;
+    let mut text = head[skip as usize..].to_vec();
+    file.take(length.saturating_sub(12 - skip)).read_to_end(&mut text).map_err(|e| e.to_string())?;
+    if (text.len() as u64) < length {
+        return Err("truncated: the file ends inside its .npy header".into());
+    }
+    text.truncate(length as usize);
+    // npyz honours escapes, which could hide brackets inside what looks like a string;
     // no plain header has a backslash, and brackets count wherever they are.
     if text.contains(&b'\\') {
         return Err("the .npy header holds a backslash, which no plain array's header has".into());
     }
-    if text
-        .iter()
-        .scan(0usize, |depth, &c| {
-            match c {
-                b'{' | b'[' | b'(' => *depth += 1,
-                b'}' | b']' | b')' => *depth = depth.saturating_sub(1),
-                _ => {}
-            }
-            Some(*depth)
-        })
-        .any(|depth| depth > 2)
-    {
-        return Err("the .npy header nests deeper than a plain array's (a structured dtype?)".into());
-    }
     let (mut depth, mut quote, mut keys, mut string) = (0usize, None, Vec::new(), Vec::new());
     for (i, &c) in text.iter().enumerate() {
+        match c {
+            b'{' | b'[' | b'(' => depth += 1,
+            b'}' | b']' | b')' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        if depth > 2 {
+            return Err("the .npy header nests deeper than a plain array's (a structured dtype?)".into());
+        }
         match (quote, c) {
             (Some(q), _) if c == q => {
                 quote = None;
@@ -186,8 +179,6 @@ fn check_header(path: &Path) -> Result<(), String> {
                 quote = Some(c);
                 string.clear();
             }
-            (None, b'{' | b'[' | b'(') => depth += 1,
-            (None, b'}' | b']' | b')') => depth = depth.saturating_sub(1),
             _ => {}
         }
     }
