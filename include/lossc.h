@@ -242,6 +242,23 @@ lossc_status lossc_eval(const lossc_loss *loss,
                         float *const *grads);
 
 /**
+ * An XLA FFI handler (`XLA_FFI_Handler` in XLA's `xla/ffi/api/c_api.h`) that evaluates
+ * a loss and its gradients on XLA's own buffers, without copies: `lossc.jax` registers
+ * it as the CPU custom call "lossc_eval" (`jax.ffi.register_ffi_target(name,
+ * jax.ffi.pycapsule(lib.lossc_xla_ffi), platform="cpu")`). Operands: the loss's inputs,
+ * float32, in declaration order, each laid out as `lossc eval` lays out a `.npy` array
+ * (`[N, C, *spatial]`; 0-d and 1-d arrays are `[1, 1, n]`). Results: the value (a float32
+ * scalar), then d loss / d input i, float32 and shaped as the input, for each bit i set
+ * in `wrt`, in input order. Attributes: `source` and `params` (strings, as for
+ * `lossc_compile`; each distinct pair is compiled on first use and kept for the life
+ * of the process) and `wrt` (int64). A failure returns an XLA error with lossc's message.
+ *
+ * # Safety
+ * `call_frame` is an `XLA_FFI_CallFrame *` from XLA.
+ */
+void *lossc_xla_ffi(void *call_frame);
+
+/**
  * `lossc_eval` on float64 inputs and gradients, by the f64 reference evaluator:
  * exact to a few ulp of double precision and simple, but slow and limited to 2^30
  * broadcast elements. For checking results and for small problems. Same arguments,

@@ -12,16 +12,21 @@
 //! freed with `lossc_string_free`; a `const char *` returned directly is lossc's and
 //! must not be freed (how long it lives is in each function's comment). Input and
 //! gradient arrays always stay the caller's.
+//!
+//! `lossc_xla_ffi` is the one entry point for another caller than C: XLA, whose call
+//! frame `xla` decodes.
 
 use std::any::Any;
 use std::cell::RefCell;
-use std::ffi::{c_char, c_int, CStr, CString};
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::OnceLock;
 
 use crate::error::Error;
 use crate::runtime::Backend;
 use crate::tensor::{Tensor, View};
+
+mod xla;
 
 /// What a call did: `LOSSC_STATUS_OK` (0) is success; every kind of failure has its
 /// own non-zero value, and `lossc_last_error()` then holds the message.
@@ -692,6 +697,25 @@ pub unsafe extern "C" fn lossc_eval(
         unsafe { *loss_out = value };
         Ok(Status::Ok)
     })
+}
+
+/// An XLA FFI handler (`XLA_FFI_Handler` in XLA's `xla/ffi/api/c_api.h`) that evaluates
+/// a loss and its gradients on XLA's own buffers, without copies: `lossc.jax` registers
+/// it as the CPU custom call "lossc_eval" (`jax.ffi.register_ffi_target(name,
+/// jax.ffi.pycapsule(lib.lossc_xla_ffi), platform="cpu")`). Operands: the loss's inputs,
+/// float32, in declaration order, each laid out as `lossc eval` lays out a `.npy` array
+/// (`[N, C, *spatial]`; 0-d and 1-d arrays are `[1, 1, n]`). Results: the value (a float32
+/// scalar), then d loss / d input i, float32 and shaped as the input, for each bit i set
+/// in `wrt`, in input order. Attributes: `source` and `params` (strings, as for
+/// `lossc_compile`; each distinct pair is compiled on first use and kept for the life
+/// of the process) and `wrt` (int64). A failure returns an XLA error with lossc's message.
+///
+/// # Safety
+/// `call_frame` is an `XLA_FFI_CallFrame *` from XLA.
+#[no_mangle]
+pub unsafe extern "C" fn lossc_xla_ffi(call_frame: *mut c_void) -> *mut c_void {
+    // SAFETY: the caller's contract.
+    unsafe { xla::handle(call_frame.cast()) }
 }
 
 /// `lossc_eval` on float64 inputs and gradients, by the f64 reference evaluator:

@@ -58,6 +58,7 @@ _SIGNATURES = {
         _Status,
         [_Handle, _Pointers, ctypes.POINTER(Shape), ctypes.c_size_t, _DoubleP, ctypes.c_size_t, _DoubleP],
     ),
+    "lossc_xla_ffi": (ctypes.c_void_p, [ctypes.c_void_p]),
     "lossc_eval_cuda": (
         _Status,
         [

@@ -4,10 +4,13 @@
     loss_fn = lossc.jax.function("0.5*dice(sigmoid(x), y) + bce_logits(x, y)")
     value, grad = jax.value_and_grad(loss_fn)(logits, masks)
 
-Arrays are laid out as for `lossc.Loss` (`[N, C, *spatial]`). The loss runs on the CPU
-through `jax.pure_callback`: under `jax.grad`, one call computes the value and the
-gradients of exactly the inputs being differentiated (lossc's fused sweeps), and the
-backward pass only scales them. The value is float32 (float64 for `reference=True`
+Arrays are laid out as for `lossc.Loss` (`[N, C, *spatial]`). The loss runs on the CPU,
+as an XLA custom call (`jax.ffi`) that reads and writes XLA's own buffers: under
+`jax.grad`, one call computes the value and the gradients of exactly the inputs being
+differentiated (lossc's fused sweeps), and the backward pass only scales them. Inputs
+go to the kernels as float32. With `reference=True`, or where JAX has no `jax.ffi` or
+its default backend is not the CPU, the call goes through `jax.pure_callback` instead,
+which copies the arrays out of XLA and back. The value is float32 (float64 for `reference=True`
 with `jax_enable_x64`); gradients come in each input's dtype. Shapes are checked when
 the function is traced: a mismatch raises `lossc.ShapeError` there. `jax.vmap`
 evaluates the loss once per mapped element, laid out by that element's own shape: a
@@ -21,8 +24,45 @@ import jax.numpy as jnp
 import numpy as np
 
 import lossc as _lossc
+from lossc._capi import lib as _lib
 
 __all__ = ["function"]
+
+# The XLA custom call's name; `_direct` registers it on first use.
+_TARGET = "lossc_eval"
+_registered = None
+
+
+def _direct(reference):
+    """Whether this call can go to lossc as an XLA custom call (registered here, once)."""
+    global _registered
+    if reference or jax.default_backend() != "cpu":
+        return False
+    if _registered is None:
+        try:
+            from jax import ffi
+
+            ffi.register_ffi_target(_TARGET, ffi.pycapsule(_lib.lossc_xla_ffi), platform="cpu")
+            _registered = True
+        except (ImportError, AttributeError):  # a JAX before jax.ffi
+            _registered = False
+    return _registered
+
+
+def _custom_call(loss, args, wanted):
+    """The value and the gradients of the inputs in `wanted` (float32), by lossc_xla_ffi."""
+    arrays = [a if jnp.result_type(a) == jnp.float32 else jnp.asarray(a, jnp.float32) for a in args]
+    shapes = (jax.ShapeDtypeStruct((), jnp.float32),) + tuple(
+        jax.ShapeDtypeStruct(jnp.shape(args[i]), jnp.float32) for i in wanted
+    )
+    call = jax.ffi.ffi_call(_TARGET, shapes, vmap_method="sequential")
+    out = call(
+        *arrays,
+        source=loss._source,
+        params=_lossc._params_text(loss._params),
+        wrt=np.int64(sum(1 << i for i in wanted)),
+    )
+    return out[0], tuple(out[1:])
 
 
 def function(source, reference=False, **params):
@@ -53,9 +93,14 @@ def function(source, reference=False, **params):
     def value_only(*arrays):
         return np.asarray(loss(*arrays, reference=reference), dtype=out_dtype())
 
+    # The custom call takes at most 63 inputs (`wrt` is a bit mask).
+    direct = count < 64
+
     @jax.custom_vjp
     def apply(*args):
         check(args)
+        if direct and _direct(reference):
+            return _custom_call(loss, args, ())[0]
         result = jax.ShapeDtypeStruct((), out_dtype())
         return jax.pure_callback(value_only, result, *args, vmap_method="sequential")
 
@@ -78,6 +123,9 @@ def function(source, reference=False, **params):
         )
         @jax.custom_jvp
         def fused(*arrays):
+            if direct and _direct(reference):
+                value, grads = _custom_call(loss, arrays, wanted)
+                return value, tuple(g.astype(dtypes[i]) for i, g in zip(wanted, grads))
             return jax.pure_callback(value_and_grad, shapes, *arrays, vmap_method="sequential")
 
         @fused.defjvp

@@ -112,6 +112,62 @@ class AgainstJax(unittest.TestCase):
         exact = lossc.Loss("focal", gamma=1.5).value_and_grad(np.asarray(xb.astype(jnp.float32)), np.asarray(y))[1][0]
         self.assertLess(float(jnp.abs(g.astype(jnp.float32) - exact).max()), 1e-2 * float(np.abs(exact).max()))
 
+    def test_custom_call_on_xla_buffers_agrees_with_the_reference(self):
+        # The float32 path is an XLA custom call into lossc, not a host callback; it must
+        # agree with the float64 reference (a callback) on a multiclass loss with class
+        # weights broadcast along batch and space, gradients of all three inputs, and
+        # integer labels next to a float input in another call.
+        f = lossc.jax.function("dice_multiclass_weighted")
+        x = jnp.asarray(RNG.normal(0, 2, (2, 5, 9, 7)).astype(np.float32))
+        y = jax.nn.one_hot(jnp.asarray(RNG.integers(0, 5, (2, 9, 7))), 5, axis=1)
+        w = jnp.asarray(RNG.uniform(0.5, 2, (1, 5)).astype(np.float32))
+        grad = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))
+        hlo = grad.lower(x, y, w).compile().as_text()
+        self.assertIn('custom_call_target="lossc_eval"', hlo)
+        self.assertNotIn("callback", hlo)
+        value, grads = grad(x, y, w)
+        with jax.enable_x64(True):
+            exact = lossc.jax.function("dice_multiclass_weighted", reference=True)
+            wide = [a.astype(jnp.float64) for a in (x, y, w)]
+            expected, expected_grads = jax.value_and_grad(exact, argnums=(0, 1, 2))(*wide)
+        self.assertEqual([g.shape for g in grads], [x.shape, y.shape, w.shape])
+        self.assert_close(value, expected, grads, expected_grads)
+        # Two losses in one program, value only and value with a gradient.
+        bce, tv = lossc.jax.function("bce_logits"), lossc.jax.function("tversky", alpha=0.2, beta=0.8)
+        xs, ys = inputs((3, 1, 33))
+        both = jax.jit(lambda x, y: bce(x, y.astype(jnp.int8)) + jax.grad(tv)(jax.nn.sigmoid(x), y).sum())
+        expected = lossc.Loss("bce_logits")(np.asarray(xs), np.asarray(ys)) + float(
+            lossc.Loss("tversky", alpha=0.2, beta=0.8).value_and_grad(np.asarray(jax.nn.sigmoid(xs)), np.asarray(ys))[1][0].sum()
+        )
+        self.assertAlmostEqual(float(both(xs, ys)), expected, places=5)
+
+    def test_custom_call_errors_carry_lossc_messages(self):
+        # What XLA hands the handler is checked, and a failure comes back as an XLA error
+        # with lossc's message (the Python layer never builds such calls).
+        lossc.jax.function("dice")(jnp.ones((1, 1, 2)), jnp.ones((1, 1, 2)))  # registers
+        x = jnp.ones((1, 1, 4), jnp.float32)
+        value = (jax.ShapeDtypeStruct((), jnp.float32),)
+
+        def call(*args, results=value, **attrs):
+            return jax.ffi.ffi_call("lossc_eval", results)(*args, **attrs)
+
+        with self.assertRaisesRegex(Exception, "expected"):
+            call(x, x, source="dice(", params="", wrt=np.int64(0))
+        with self.assertRaisesRegex(Exception, "takes 2 inputs"):
+            call(x, source="dice", params="", wrt=np.int64(0))
+        with self.assertRaisesRegex(Exception, "does not have"):
+            call(x, x, source="dice", params="", wrt=np.int64(4))
+        with self.assertRaisesRegex(Exception, "expects 1 results"):
+            call(x, x, source="dice", params="", wrt=np.int64(1))
+        with self.assertRaisesRegex(Exception, "float32"):
+            call(x.astype(jnp.int32), x, source="dice", params="", wrt=np.int64(0))
+        with self.assertRaisesRegex(Exception, "along batch"):
+            call(jnp.ones((2, 1, 4)), jnp.ones((3, 1, 4)), source="dice", params="", wrt=np.int64(0))
+        with self.assertRaisesRegex(Exception, "not a hyperparameter|no hyperparameter|unknown"):
+            call(x, x, source="dice", params="smoth=2", wrt=np.int64(0))
+        (v,) = call(x * 0.5, x, source="dice", params="smooth=2", wrt=np.int64(0))
+        self.assertAlmostEqual(float(v), 1 - 6 / 8, places=6)
+
 
 if __name__ == "__main__":
     unittest.main()

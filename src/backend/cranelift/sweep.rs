@@ -284,6 +284,9 @@ fn machine_code(g: &Graph, spec: &SweepSpec, shape: &Shape, isas: &Isas, k: usiz
     }
     if disasm {
         eprintln!("sweep {k}:\n{}", code.vcode.as_deref().unwrap_or("(no disassembly)"));
+        if let Some(dir) = std::env::var_os("LOSSC_DISASM_DIR") {
+            let _ = std::fs::write(std::path::Path::new(&dir).join(format!("sweep{k}.bin")), code.code_buffer());
+        }
     }
     Ok((code.code_buffer().to_vec(), u64::from(code.buffer.alignment)))
 }
