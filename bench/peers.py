@@ -36,11 +36,8 @@ SORTS = {"lovasz_hinge"}
 # "lossc.torch" and "lossc.jax" are lossc itself as PyTorch and JAX users call it
 # (python/lossc, on the release liblossc): their ratios are what the Python layer, the
 # framework and a fresh gradient per call add to the bare kernels.
-# "lossc.jax" is not run by default: JAX's pure_callback copies each array in and out
-# (about 150 ms at 16M elements here) and, in a child pinned to one core, hangs in JAX's
-# CPU client (jax-ml/jax#24255).
 PEERS = ["eager", "compile", "jax", "lossc.torch", "lossc.jax"]
-DEFAULT_PEERS = ["eager", "compile", "jax", "lossc.torch"]
+DEFAULT_PEERS = PEERS
 
 
 # ---------------------------------------------------------------- the losses, once per framework
@@ -472,7 +469,7 @@ def main():
     ap.add_argument("--runs", type=int, default=7, help="timed runs per measurement (median)")
     ap.add_argument("--sort-runs", type=int, default=3, help="timed runs for sorting losses (slow in the peers)")
     ap.add_argument("--peers", type=lambda s: s.split(","), default=DEFAULT_PEERS,
-                    help="from eager,compile,jax,lossc.torch,lossc.jax (default: all but lossc.jax)")
+                    help="from eager,compile,jax,lossc.torch,lossc.jax (default: all)")
     ap.add_argument("--check-size", default="64K", help="elements of the value/gradient check")
     ap.add_argument("--markdown", action="store_true", help="print the timing table as Markdown (for the README)")
     ap.add_argument("--lossc", default=str(default_lossc), help="the lossc binary")
