@@ -8,9 +8,9 @@ Arrays are laid out as for `lossc.Loss` (`[N, C, *spatial]`). The loss runs on t
 as an XLA custom call (`jax.ffi`) that reads and writes XLA's own buffers: under
 `jax.grad`, one call computes the value and the gradients of exactly the inputs being
 differentiated (lossc's fused sweeps), and the backward pass only scales them. Inputs
-go to the kernels as float32. With `reference=True`, or where JAX has no `jax.ffi` or
-its default backend is not the CPU, the call goes through `jax.pure_callback` instead,
-which copies the arrays out of XLA and back. The value is float32 (float64 for `reference=True`
+go to the kernels as float32. With `reference=True`, where JAX has no `jax.ffi`, or in a
+program lowered for another platform than the CPU, the call goes through
+`jax.pure_callback` instead, which copies the arrays out of XLA and back. The value is float32 (float64 for `reference=True`
 with `jax_enable_x64`); gradients come in each input's dtype. Shapes are checked when
 the function is traced: a mismatch raises `lossc.ShapeError` there. `jax.vmap`
 evaluates the loss once per mapped element, laid out by that element's own shape: a
@@ -18,6 +18,8 @@ per-example `[C, H, W]` reads as batch C, so map over `[N, 1, C, H, W]` (`x[:, N
 to keep each example's class axis. Higher-order derivatives are refused (the
 gradients are computed, not traced).
 """
+
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -34,9 +36,10 @@ _registered = None
 
 
 def _direct(reference):
-    """Whether this call can go to lossc as an XLA custom call (registered here, once)."""
+    """Whether this call may go to lossc as an XLA custom call on the CPU (registered
+    here, once). Where registration fails, calls go through `jax.pure_callback`."""
     global _registered
-    if reference or jax.default_backend() != "cpu":
+    if reference:
         return False
     if _registered is None:
         try:
@@ -46,7 +49,16 @@ def _direct(reference):
             _registered = True
         except (ImportError, AttributeError):  # a JAX before jax.ffi
             _registered = False
+        except Exception as e:  # XLA refused it (a name taken, an FFI version)
+            warnings.warn(f"lossc.jax cannot register its XLA custom call, so it copies arrays: {e}")
+            _registered = False
     return _registered
+
+
+def _on_the_cpu(direct, callback, *args):
+    """`direct(*args)` where the program runs on the CPU, `callback(*args)` elsewhere: the
+    platform is known when the program is lowered, not when it is traced."""
+    return jax.lax.platform_dependent(*args, cpu=direct, default=callback)
 
 
 def _custom_call(loss, args, wanted):
@@ -99,10 +111,14 @@ def function(source, reference=False, **params):
     @jax.custom_vjp
     def apply(*args):
         check(args)
-        if direct and _direct(reference):
-            return _custom_call(loss, args, ())[0]
         result = jax.ShapeDtypeStruct((), out_dtype())
-        return jax.pure_callback(value_only, result, *args, vmap_method="sequential")
+
+        def callback(*args):
+            return jax.pure_callback(value_only, result, *args, vmap_method="sequential")
+
+        if direct and _direct(reference):
+            return _on_the_cpu(lambda *args: _custom_call(loss, args, ())[0], callback, *args)
+        return callback(*args)
 
     def forward(*primals):
         args = [p.value for p in primals]
@@ -121,12 +137,18 @@ def function(source, reference=False, **params):
             jax.ShapeDtypeStruct((), out_dtype()),
             tuple(jax.ShapeDtypeStruct(jnp.shape(args[i]), dtypes[i]) for i in wanted),
         )
+        def custom_call(*arrays):
+            value, grads = _custom_call(loss, arrays, wanted)
+            return value, tuple(g.astype(dtypes[i]) for i, g in zip(wanted, grads))
+
+        def callback(*arrays):
+            return jax.pure_callback(value_and_grad, shapes, *arrays, vmap_method="sequential")
+
         @jax.custom_jvp
         def fused(*arrays):
             if direct and _direct(reference):
-                value, grads = _custom_call(loss, arrays, wanted)
-                return value, tuple(g.astype(dtypes[i]) for i, g in zip(wanted, grads))
-            return jax.pure_callback(value_and_grad, shapes, *arrays, vmap_method="sequential")
+                return _on_the_cpu(custom_call, callback, *arrays)
+            return callback(*arrays)
 
         @fused.defjvp
         def _(primals, tangents):

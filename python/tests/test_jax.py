@@ -125,6 +125,13 @@ class AgainstJax(unittest.TestCase):
         hlo = grad.lower(x, y, w).compile().as_text()
         self.assertIn('custom_call_target="lossc_eval"', hlo)
         self.assertNotIn("callback", hlo)
+        # A program lowered for another platform takes the callback (which JAX cannot
+        # lower on a machine without that platform).
+        try:
+            text = grad.trace(x, y, w).lower(lowering_platforms=("cuda",)).as_text()
+        except ValueError as e:
+            text = str(e)
+        self.assertNotIn("lossc_eval", text)
         value, grads = grad(x, y, w)
         with jax.enable_x64(True):
             exact = lossc.jax.function("dice_multiclass_weighted", reference=True)
@@ -165,6 +172,15 @@ class AgainstJax(unittest.TestCase):
             call(jnp.ones((2, 1, 4)), jnp.ones((3, 1, 4)), source="dice", params="", wrt=np.int64(0))
         with self.assertRaisesRegex(Exception, "not a hyperparameter|no hyperparameter|unknown"):
             call(x, x, source="dice", params="smoth=2", wrt=np.int64(0))
+        with self.assertRaisesRegex(Exception, "value is one float32"):
+            call(x, x, source="dice", params="", wrt=np.int64(0), results=(jax.ShapeDtypeStruct((3,), jnp.float32),))
+        grad_results = value + (jax.ShapeDtypeStruct((1, 1, 4), jnp.float32),)
+        with self.assertRaisesRegex(Exception, "not shaped as its input"):
+            call(x, x, source="dice", params="", wrt=np.int64(1), results=value + (jax.ShapeDtypeStruct((4,), jnp.float32),))
+        with self.assertRaisesRegex(Exception, "shares memory"):
+            jax.ffi.ffi_call("lossc_eval", grad_results, input_output_aliases={0: 1})(
+                x + 0, x, source="dice", params="", wrt=np.int64(1)
+            )
         (v,) = call(x * 0.5, x, source="dice", params="smooth=2", wrt=np.int64(0))
         self.assertAlmostEqual(float(v), 1 - 6 / 8, places=6)
 

@@ -2,9 +2,9 @@
 //! own buffers. A host callback (`jax.pure_callback`) copies every input out of XLA and
 //! every result back in, which at 16M elements costs more than the loss itself.
 //!
-//! The structs below mirror the parts of XLA's C API (`xla/ffi/api/c_api.h`, API version
-//! 0.1 and later: each struct only grows at its end, and carries its size) that the
-//! handler reads. The call:
+//! The structs below mirror the parts of XLA's C API (`xla/ffi/api/c_api.h`) that the
+//! handler reads; they are the same in every version from 0.1, the one the handler
+//! reports (every jaxlib with `jax.ffi` accepts it). The call:
 //! - operands: the loss's inputs, float32, in declaration order, laid out as for
 //!   `lossc eval` (`[N, C, *spatial]`; a 0-d or 1-d array is `[1, 1, n]`);
 //! - results: the value (a float32 scalar), then d loss / d input for each input in the
@@ -224,6 +224,9 @@ unsafe fn xla_error(frame: &CallFrame, failure: &Failure) -> *mut c_void {
     }
 }
 
+/// The most losses `compiled` keeps.
+const MAX_COMPILED: usize = 64;
+
 /// The losses called through XLA, compiled once per (params, source).
 fn compiled(source: &str, params: &str) -> Result<Arc<crate::Loss>, Failure> {
     type Compiled = HashMap<String, HashMap<String, Arc<crate::Loss>>>;
@@ -236,6 +239,11 @@ fn compiled(source: &str, params: &str) -> Result<Arc<crate::Loss>, Failure> {
     // Compiled without the lock held: another thread may compile the same loss meanwhile.
     let loss = Arc::new(crate::Loss::compile(source, params)?);
     let mut map = lock();
+    // Bounded, for a program that changes hyperparameters every epoch: a loss dropped
+    // here is compiled again from its text if an executable still calls it.
+    if map.values().map(HashMap::len).sum::<usize>() >= MAX_COMPILED {
+        map.clear();
+    }
     let by_source = map.entry(params.to_string()).or_default();
     Ok(Arc::clone(by_source.entry(source.to_string()).or_insert(loss)))
 }
@@ -269,9 +277,13 @@ unsafe fn attributes<'a>(attrs: &'a Attrs) -> Result<Attributes<'a>, Failure> {
             b"source" => out.source = Some(text()?),
             b"params" => out.params = Some(text()?),
             b"wrt" => {
+                let not = || Failure::invalid("attribute `wrt` must be an int64 scalar");
+                if kind != ATTR_SCALAR {
+                    return Err(not());
+                }
                 let scalar = unsafe { &*attr.cast::<Scalar>() };
-                if kind != ATTR_SCALAR || scalar.dtype != DTYPE_S64 {
-                    return Err(Failure::invalid("attribute `wrt` must be an int64 scalar"));
+                if scalar.dtype != DTYPE_S64 {
+                    return Err(not());
                 }
                 out.wrt = Some(unsafe { *scalar.value.cast::<i64>() });
             }
@@ -332,10 +344,33 @@ fn layout(dims: &[i64]) -> Shape {
     }
 }
 
+/// The address of a buffer's `len` floats: checked for NULL and alignment where there are
+/// any (XLA may give an empty array no storage).
+fn floats(b: &Buffer, len: usize, what: &dyn Fn() -> String) -> Result<*mut f32, Failure> {
+    let p = b.data.cast::<f32>();
+    if len == 0 {
+        return Ok(std::ptr::NonNull::dangling().as_ptr());
+    }
+    if p.is_null() {
+        return Err(Failure::invalid(format!("{} is NULL", what())));
+    }
+    aligned(p.cast_const(), what)?;
+    Ok(p)
+}
+
+/// Whether two arrays of floats share memory.
+fn overlap((a, m): (*const f32, usize), (b, n): (*const f32, usize)) -> bool {
+    let (a, b) = (a as usize, b as usize);
+    m > 0 && n > 0 && a < b + 4 * n && b < a + 4 * m
+}
+
 /// # Safety
 /// `frame` is XLA's, in the execute stage.
 unsafe fn execute(frame: &CallFrame) -> Result<(), Failure> {
     // SAFETY (this function): XLA's frame and everything it points to, valid for the call.
+    if frame.struct_size < size_of::<CallFrame>() {
+        return Err(Failure::invalid("XLA's call frame is older than lossc_xla_ffi knows"));
+    }
     let attrs = unsafe { attributes(&frame.attrs) }?;
     let (Some(source), Some(wrt)) = (attrs.source, attrs.wrt) else {
         return Err(Failure::invalid("lossc_xla_ffi needs the attributes `source` and `wrt`"));
@@ -365,39 +400,51 @@ unsafe fn execute(frame: &CallFrame) -> Result<(), Failure> {
             frame.rets.size
         )));
     }
-    let mut views = Vec::with_capacity(n);
+    let mut inputs = Vec::with_capacity(n);
     for (i, name) in names.iter().enumerate() {
-        let b = unsafe { buffer(&frame.args, i, &|| format!("input `{name}`")) }?;
-        let (shape, len) = extents::<f32>(layout(unsafe { dims(b) }), name)?;
-        let data: &[f32] = if len == 0 {
-            &[]
-        } else {
-            aligned(b.data.cast_const().cast::<f32>(), || format!("input `{name}`"))?;
-            unsafe { std::slice::from_raw_parts(b.data.cast_const().cast(), len) }
-        };
-        views.push(View::new(shape, data));
+        let what = || format!("input `{name}`");
+        let b = unsafe { buffer(&frame.args, i, &what) }?;
+        let dims = unsafe { dims(b) };
+        let (shape, len) = extents::<f32>(layout(dims), name)?;
+        inputs.push((shape, dims, floats(b, len, &what)?.cast_const(), len));
     }
-    let value_buffer = unsafe { buffer(&frame.rets, 0, &|| "the value".to_string()) }?;
-    let mut grads: Vec<Option<&mut [f32]>> = (0..n).map(|_| None).collect();
+    let value_what = || "the value".to_string();
+    let value = unsafe { buffer(&frame.rets, 0, &value_what) }?;
+    if unsafe { dims(value) }.iter().product::<i64>() != 1 {
+        return Err(Failure::invalid("the value is one float32"));
+    }
+    let value = floats(value, 1, &value_what)?;
+    let mut outputs: Vec<(usize, *mut f32, usize)> = Vec::with_capacity(wanted.len());
     for (k, &i) in wanted.iter().enumerate() {
         let what = || format!("the gradient of `{}`", names[i]);
         let b = unsafe { buffer(&frame.rets, k + 1, &what) }?;
-        let len = views[i].data.len();
-        if unsafe { dims(b) }.iter().product::<i64>() != len as i64 {
+        let (_, dims, _, len) = inputs[i];
+        if unsafe { self::dims(b) } != dims {
             return Err(Failure::invalid(format!("{} is not shaped as its input", what())));
         }
-        if len > 0 {
-            aligned(b.data.cast_const().cast::<f32>(), &what)?;
-            grads[i] = Some(unsafe { std::slice::from_raw_parts_mut(b.data.cast(), len) });
-        } else {
-            grads[i] = Some(&mut []);
+        let p = floats(b, len, &what)?;
+        // Distinct arrays, as for `lossc_eval`: XLA shares a result with an operand only
+        // when asked to (`input_output_aliases`).
+        let inputs_and_earlier =
+            inputs.iter().map(|&(_, _, q, m)| (q, m)).chain(outputs.iter().map(|&(_, q, m)| (q.cast_const(), m)));
+        if inputs_and_earlier.chain([(value.cast_const(), 1)]).any(|other| overlap((p.cast_const(), len), other)) {
+            return Err(Failure::invalid(format!("{} shares memory with another array of the call", what())));
         }
+        outputs.push((i, p, len));
     }
-    let value = evaluate(&loss, &views, &mut grads)?;
-    if value_buffer.data.is_null() {
-        return Err(Failure::invalid("the value's buffer is NULL"));
+    let views: Vec<View> = inputs
+        .iter()
+        .map(|&(shape, _, p, len)| View::new(shape, unsafe { std::slice::from_raw_parts(p, len) }))
+        .collect();
+    let mut grads: Vec<Option<&mut [f32]>> = (0..n).map(|_| None).collect();
+    for &(i, p, len) in &outputs {
+        grads[i] = Some(unsafe { std::slice::from_raw_parts_mut(p, len) });
     }
-    unsafe { *value_buffer.data.cast::<f32>() = value as f32 };
+    let result = evaluate(&loss, &views, &mut grads)?;
+    // No slice of XLA's arrays is live when the value is written: it may share an input's
+    // memory (a result aliased to a scalar operand), which has been read by now.
+    drop((views, grads));
+    unsafe { *value = result as f32 };
     Ok(())
 }
 
