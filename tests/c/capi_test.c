@@ -552,6 +552,150 @@ static void check_gpu(void) {
     lossc_free(lovasz);
 }
 
+/* lossc_xla_ffi as XLA calls it: a stand-in for XLA's runtime, with the structs of
+ * XLA's xla/ffi/api/c_api.h (API 0.1, LP64) written out here, as an XLA client of the
+ * C API would include them. */
+typedef struct ext_base {
+    size_t struct_size;
+    int type; /* XLA_FFI_Extension_Type: 1 is the metadata query */
+    struct ext_base *next;
+} ext_base;
+typedef struct {
+    size_t struct_size;
+    ext_base *extension_start;
+    int major, minor;
+} api_version;
+typedef struct {
+    size_t struct_size;
+    api_version version;
+    uint32_t traits;
+    int64_t state_type_id;
+} metadata;
+typedef struct {
+    ext_base base;
+    metadata *metadata;
+} metadata_ext;
+typedef struct {
+    size_t struct_size;
+    ext_base *extension_start;
+    const char *message;
+    int errc;
+} error_create_args;
+typedef struct {
+    size_t struct_size;
+    ext_base *extension_start;
+    api_version version;
+    const void *internal_api;
+    void *(*error_create)(error_create_args *);
+} xla_api;
+typedef struct {
+    size_t struct_size;
+    ext_base *extension_start;
+    int dtype; /* 11 is F32 */
+    void *data;
+    int64_t rank;
+    int64_t *dims;
+} xla_buffer;
+typedef struct {
+    size_t struct_size;
+    ext_base *extension_start;
+    int64_t size;
+    int *types; /* 1: a buffer */
+    void **items;
+} xla_list;
+typedef struct {
+    const char *ptr;
+    size_t len;
+} byte_span;
+typedef struct {
+    int dtype; /* 5 is S64 */
+    void *value;
+} xla_scalar;
+typedef struct {
+    size_t struct_size;
+    ext_base *extension_start;
+    int64_t size;
+    int *types; /* 3: a scalar, 4: a string */
+    byte_span **names;
+    void **attrs;
+} xla_attrs;
+typedef struct {
+    size_t struct_size;
+    ext_base *extension_start;
+    const xla_api *api;
+    void *ctx;
+    int stage; /* 3: execute */
+    xla_list args, rets;
+    xla_attrs attrs;
+    void *future;
+} call_frame;
+
+static char xla_message[1024];
+static int xla_code;
+static int xla_error_token;
+
+static void *fake_error_create(error_create_args *a) {
+    snprintf(xla_message, sizeof xla_message, "%s", a->message);
+    xla_code = a->errc;
+    return &xla_error_token;
+}
+
+/* Dice on four positions through the handler: the value and d/dp against lossc_eval's,
+ * then a failure reported through XLA's error constructor. */
+static void check_xla_ffi(void) {
+    metadata meta = {sizeof(metadata), {0, NULL, -1, -1}, 99, 0};
+    metadata_ext query = {{sizeof(metadata_ext), 1, NULL}, &meta};
+    xla_api api = {sizeof(xla_api), NULL, {sizeof(api_version), NULL, 0, 3}, NULL, fake_error_create};
+    call_frame frame;
+    memset(&frame, 0, sizeof frame);
+    frame.struct_size = sizeof(call_frame);
+    frame.api = &api;
+    frame.extension_start = &query.base;
+    CHECK(lossc_xla_ffi(&frame) == NULL, "xla metadata query failed");
+    CHECK(meta.version.major == 0 && meta.version.minor == 1 && meta.traits == 0,
+          "xla metadata: version %d.%d, traits %u", meta.version.major, meta.version.minor, meta.traits);
+    CHECK(lossc_xla_ffi(NULL) == NULL, "xla: a NULL frame is not an error");
+
+    float p[4] = {0.9f, 0.2f, 0.6f, 0.35f}, y[4] = {1, 0, 1, 1}, value = -1, grad[4] = {0};
+    int64_t dims[3] = {1, 1, 4};
+    xla_buffer in[2] = {{sizeof(xla_buffer), NULL, 11, p, 3, dims}, {sizeof(xla_buffer), NULL, 11, y, 3, dims}};
+    xla_buffer out[2] = {{sizeof(xla_buffer), NULL, 11, &value, 0, NULL},
+                         {sizeof(xla_buffer), NULL, 11, grad, 3, dims}};
+    int buffer_types[2] = {1, 1};
+    void *in_items[2] = {&in[0], &in[1]}, *out_items[2] = {&out[0], &out[1]};
+    byte_span names[3] = {{"source", 6}, {"params", 6}, {"wrt", 3}};
+    byte_span *name_items[3] = {&names[0], &names[1], &names[2]};
+    byte_span source = {"dice", 4}, params = {"smooth=0.5", 10};
+    int64_t wrt = 1;
+    xla_scalar wrt_attr = {5, &wrt};
+    int attr_types[3] = {4, 4, 3};
+    void *attr_items[3] = {&source, &params, &wrt_attr};
+    frame.extension_start = NULL;
+    frame.stage = 3;
+    frame.args = (xla_list){sizeof(xla_list), NULL, 2, buffer_types, in_items};
+    frame.rets = (xla_list){sizeof(xla_list), NULL, 2, buffer_types, out_items};
+    frame.attrs = (xla_attrs){sizeof(xla_attrs), NULL, 3, attr_types, name_items, attr_items};
+    void *err = lossc_xla_ffi(&frame);
+    CHECK(err == NULL, "xla dice failed: %s", xla_message);
+
+    lossc_loss *loss = NULL;
+    CHECK(lossc_compile("dice", "smooth=0.5", &loss) == LOSSC_STATUS_OK, "compile dice: %s", lossc_last_error());
+    const float *inputs[2] = {p, y};
+    lossc_shape shapes[2] = {{1, 1, 4}, {1, 1, 4}};
+    float want_grad[4], unused[4];
+    float *grads[2] = {want_grad, unused};
+    double want = 0;
+    CHECK(lossc_eval(loss, inputs, shapes, 2, &want, grads) == LOSSC_STATUS_OK, "eval dice: %s", lossc_last_error());
+    CHECK(close_to(value, want, 1e-6, 1e-7), "xla dice value %.9g, lossc_eval %.9g", value, want);
+    for (int i = 0; i < 4; i++) CHECK(grad[i] == want_grad[i], "xla dice d/dp[%d] %.9g, lossc_eval %.9g", i, grad[i], want_grad[i]);
+    lossc_free(loss);
+
+    wrt = 4; /* no third input */
+    err = lossc_xla_ffi(&frame);
+    CHECK(err == &xla_error_token && xla_code == 3 && strstr(xla_message, "does not have") != NULL,
+          "xla: a bad wrt gave error %p, code %d: %s", err, xla_code, xla_message);
+}
+
 int main(int argc, char **argv) {
     if (argc != 2) {
         fprintf(stderr, "usage: %s FIXTURE\n", argv[0]);
@@ -580,6 +724,7 @@ int main(int argc, char **argv) {
     check_compile_errors();
     check_accessors(show_ref, show_grad_ref);
     check_gpu();
+    check_xla_ffi();
 
     for (long k = 0; k < n_cases; k++) free_case(&cases[k]);
     free(cases);

@@ -520,6 +520,7 @@ impl Emitter<'_> {
                 }
             }
         }
+        let last = b.ins().iadd_imm_s(len, -4 * UNROLL as i64);
         // Runs of up to FLUSH positions, four at a time, summed in f32, then moved into f64.
         b.ins().jump(outer, &[]);
         b.switch_to_block(outer);
@@ -540,9 +541,10 @@ impl Emitter<'_> {
         if !ahead.bases.is_empty() {
             // The next step's positions, or this step's again at the block's last step (its
             // results are never used, and nothing past the block is read).
+            // Compared with `len` less a step, not as `i + step < len`: the sum would stay
+            // live to the loop's end as the next index, which costs a register and a move.
             let iv = b.use_var(i);
-            let next = b.ins().iadd_imm_s(iv, 4 * UNROLL as i64);
-            let has_next = b.ins().icmp(IntCC::SignedLessThan, next, len);
+            let has_next = b.ins().icmp(IntCC::SignedLessThan, iv, last);
             let step = b.ins().iconst(I64, 16 * UNROLL as i64);
             let zero = b.ins().iconst(I64, 0);
             let step = b.ins().select(has_next, step, zero);
