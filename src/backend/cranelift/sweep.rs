@@ -266,7 +266,8 @@ fn machine_code(g: &Graph, spec: &SweepSpec, shape: &Shape, isas: &Isas, k: usiz
         verify_function(&ctx.func, &*isas.lower)
             .map_err(|e| format!("sweep {k} does not verify once scheduled: {e}"))?;
     }
-    // LOSSC_DISASM=1 prints each kernel's machine code (for work on the code generator).
+    // LOSSC_DISASM=1 prints each kernel's machine code (for work on the code generator);
+    // LOSSC_DISASM_DIR=DIR also writes its bytes to DIR/sweepK.bin, for objdump and perf.
     let disasm = std::env::var_os("LOSSC_DISASM").is_some();
     // Lowered directly: `Context::compile` would first replace the parameters of the
     // blocks `cut_after_shared_values` made by their only incoming values, which undoes
