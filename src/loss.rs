@@ -484,6 +484,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_bare_expression_takes_its_inputs_in_the_order_written() {
+        let names = |source: &str| -> Vec<String> {
+            Loss::compile(source, "").expect("compiles").inputs().iter().map(|i| i.name.clone()).collect()
+        };
+        assert_eq!(names("dice(y = a, p = b)"), ["a", "b"]);
+        // Hyperparameters given as scalars of inputs count where they are written, not
+        // in the callee's declaration order (alpha before beta).
+        assert_eq!(names("tversky(p, y, beta = mean(q), alpha = mean(r))"), ["p", "y", "q", "r"]);
+        assert_eq!(names("tversky(beta = mean(q), y = t, p = s)"), ["q", "t", "s"]);
+    }
+
+    #[test]
     fn parameter_lists_refuse_missing_names_and_values_that_round_to_zero() {
         assert_eq!(
             parse_params(" smooth = 0.5 ,, gamma=2,").expect("parses"),

@@ -92,6 +92,7 @@ mod cases {
     case!(recursive_call, "loss f(p, y) =\n    f(p, y) + sum(p);", "check::recursive_call", "2:5");
     case!(mutually_recursive_call, "loss g(p) = sum(p) + h(p);\nloss h(p) = g(p);\nloss f(p) = h(p);", "check::recursive_call", "1:22");
     case!(non_constant_default, "loss f(p; a = sum(p)) = a * sum(p)", "check::default_not_constant", "1:15");
+    case!(non_finite_default, "loss f(p; a = 1, b = a / 0) = b * sum(p)", "check::default_not_finite", "1:22");
     case!(default_refers_to_later, "loss f(p; a = b, b = 1) = a * sum(p)", "check::unknown_name", "1:15");
     case!(hyperparameter_not_scalar, "dice(p, y, smooth = p)", "check::hyperparameter_not_scalar", "1:21");
     case!(hyperparameter_per_class, "loss f(p, y) = dice(p, y,\n    smooth = sum(p, by = class));", "check::hyperparameter_not_scalar", "2:14");

@@ -28,7 +28,7 @@ import numpy as np
 import lossc as _lossc
 from lossc._capi import lib as _lib
 
-__all__ = ["function"]
+__all__ = ["function", "register"]
 
 # The XLA custom call's name; `_direct` registers it on first use.
 _TARGET = "lossc_eval"
@@ -45,6 +45,9 @@ def _direct(reference):
         try:
             from jax import ffi
 
+            # The backend first: a target registered before it starts is registered as
+            # it starts, and a refusal then reads as the backend failing.
+            jax.devices("cpu")
             ffi.register_ffi_target(_TARGET, ffi.pycapsule(_lib.lossc_xla_ffi), platform="cpu")
             _registered = True
         except (ImportError, AttributeError):  # a JAX before jax.ffi
@@ -55,10 +58,33 @@ def _direct(reference):
     return _registered
 
 
+def register():
+    """Registers lossc's XLA custom call ("lossc_eval") with JAX's CPU backend, as the
+    first trace of a lossc.jax function does; returns whether it is available. A process
+    that runs a program exported by `jax.export` (whose export needs
+    `disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("lossc_eval")]`) and
+    traces no lossc.jax function calls this first."""
+    return _direct(False)
+
+
 def _on_the_cpu(direct, callback, *args):
     """`direct(*args)` where the program runs on the CPU, `callback(*args)` elsewhere: the
     platform is known when the program is lowered, not when it is traced."""
     return jax.lax.platform_dependent(*args, cpu=direct, default=callback)
+
+
+def _manual_axes(x):
+    """The mesh axes of a `jax.shard_map` that `x` varies over (none outside one)."""
+    kind = getattr(jax.typeof(x), "manual_axis_type", None)
+    return frozenset(getattr(kind, "varying", None) or ())
+
+
+def _varying_like(result, arrays):
+    """`result` typed as varying over every mesh axis the arrays vary over. A call's
+    results are otherwise typed as the same on every shard of a `jax.shard_map`, and JAX
+    would pass off one shard's loss as the loss of all."""
+    axes = frozenset().union(*(_manual_axes(a) for a in arrays)) - _manual_axes(result)
+    return jax.lax.pcast(result, tuple(sorted(axes)), to="varying") if axes else result
 
 
 def _custom_call(loss, args, wanted):
@@ -117,8 +143,10 @@ def function(source, reference=False, **params):
             return jax.pure_callback(value_only, result, *args, vmap_method="sequential")
 
         if direct and _direct(reference):
-            return _on_the_cpu(lambda *args: _custom_call(loss, args, ())[0], callback, *args)
-        return callback(*args)
+            value = _on_the_cpu(lambda *args: _custom_call(loss, args, ())[0], callback, *args)
+        else:
+            value = callback(*args)
+        return _varying_like(value, args)
 
     def forward(*primals):
         args = [p.value for p in primals]
@@ -161,6 +189,8 @@ def function(source, reference=False, **params):
             )
 
         value, grads = fused(*args)
+        value = _varying_like(value, args)
+        grads = tuple(_varying_like(g, args) for g in grads)
         by_input = dict(zip(wanted, grads))
         return value, tuple(by_input.get(i) for i in range(count))
 

@@ -10,7 +10,9 @@ is moved to position 1 before lossc sees them, following
 `keras.config.image_data_format()` unless `channels_last` is given. The loss is already
 a scalar over the whole batch, so `sample_weight` is refused: give a mask or weights as
 an input of the loss instead (e.g. `mean(bce_logits_elements(x, y), mask = m)`). Targets
-may leave out a class axis of extent 1 (`[N, H, W]` for a `[N, H, W, 1]` prediction).
+may leave out a class axis of extent 1 (`[N, H, W]` for a `[N, H, W, 1]` prediction),
+or that of a loss on index labels (`cross_entropy_index`), or have a trailing axis of
+extent 1 that the prediction lacks (`[N, 1]` for `[N]`).
 The class is registered with Keras, so a saved model loads with its loss.
 """
 
@@ -62,13 +64,41 @@ class Loss(keras.losses.Loss):
         channels_last = self.channels_last
         if channels_last is None:
             channels_last = keras.config.image_data_format() == "channels_last"
-        if len(y_true.shape) == len(y_pred.shape) - 1:
-            # Masks without the channel axis ([N, H, W] for [N, H, W, 1]), as Keras's own losses take.
-            y_true = keras.ops.expand_dims(y_true, -1 if channels_last else 1)
+        y_true = self._same_rank(y_true, y_pred, channels_last)
         if channels_last and len(y_pred.shape) >= 3:
             y_pred = keras.ops.moveaxis(y_pred, -1, 1)
             y_true = keras.ops.moveaxis(y_true, -1, 1)
         return self._apply(y_pred, y_true)
+
+    def _same_rank(self, y_true, y_pred, channels_last):
+        """The target with the prediction's rank, as Keras's own losses take targets: a
+        trailing axis of 1 too many is dropped ([N, 1] for [N]), a class axis left out is
+        added ([N, H, W] for [N, H, W, 1]). Anything else would broadcast silently."""
+        t, p = tuple(y_true.shape), tuple(y_pred.shape)
+        if len(t) == len(p) + 1 and t[-1] == 1:
+            return keras.ops.squeeze(y_true, -1)
+        if len(t) != len(p) - 1:
+            if len(t) != len(p):
+                raise ValueError(f"{self.name}: the target has shape {t} and the prediction {p}")
+            return y_true
+        classes = p[-1 if channels_last else 1]
+        if classes != 1 and self._target_has_classes(classes):
+            # Index labels for a loss whose target has a class axis (one-hot labels).
+            raise ValueError(
+                f"{self.name}: the target {t} has no class axis but the prediction {p} has {classes} "
+                f"classes, and {self.lossc_loss.name}'s target takes one value per class: one-hot "
+                "encode it (keras.ops.one_hot), or use a loss on index labels (cross_entropy_index)"
+            )
+        return keras.ops.expand_dims(y_true, -1 if channels_last else 1)
+
+    def _target_has_classes(self, classes):
+        """Whether the loss's target varies over classes (lossc refuses one that is
+        declared without the class axis, as `t[batch, spatial]`)."""
+        try:
+            self.lossc_loss.check_shapes((1, classes, 1), (1, classes, 1))
+        except _lossc.ShapeError:
+            return False
+        return True
 
     def get_config(self):
         config = super().get_config()

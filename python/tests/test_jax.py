@@ -1,5 +1,9 @@
 """lossc.jax against losses written in jax.numpy (jax.grad for the gradients)."""
 
+import os
+import subprocess
+import sys
+import textwrap
 import unittest
 
 import jax
@@ -148,6 +152,17 @@ class AgainstJax(unittest.TestCase):
         )
         self.assertAlmostEqual(float(both(xs, ys)), expected, places=5)
 
+    def test_exported_programs_run_after_register(self):
+        f = lossc.jax.function("focal", gamma=1.5)
+        x, y = inputs((2, 1, 7, 3))
+        check = jax.export.DisabledSafetyCheck.custom_call("lossc_eval")
+        exported = jax.export.export(jax.jit(jax.value_and_grad(f)), disabled_checks=[check])(x, y)
+        self.assertTrue(lossc.jax.register())
+        value, grad = exported.call(x, y)
+        expected, (expected_grad,) = lossc.Loss("focal", gamma=1.5).value_and_grad(np.asarray(x), np.asarray(y), wrt=["x"])
+        self.assertAlmostEqual(float(value), expected, places=6)
+        self.assertLess(float(jnp.abs(grad - expected_grad).max()), 1e-6 * float(np.abs(expected_grad).max()))
+
     def test_custom_call_errors_carry_lossc_messages(self):
         # What XLA hands the handler is checked, and a failure comes back as an XLA error
         # with lossc's message (the Python layer never builds such calls).
@@ -183,6 +198,45 @@ class AgainstJax(unittest.TestCase):
             )
         (v,) = call(x * 0.5, x, source="dice", params="smooth=2", wrt=np.int64(0))
         self.assertAlmostEqual(float(v), 1 - 6 / 8, places=6)
+
+    def test_shard_map_sees_a_loss_per_shard(self):
+        # Under jax.shard_map a loss of one shard's arrays varies over the mesh axis: a
+        # replicated out_spec is refused (as for the loss written in jax.numpy), and the
+        # pmean of the shards' losses differentiates as jax.numpy's does. Four CPU
+        # devices need a process of their own.
+        script = textwrap.dedent(
+            """
+            import jax, jax.numpy as jnp, numpy as np, lossc.jax
+            from jax.sharding import Mesh, PartitionSpec as P
+            mesh = Mesh(np.array(jax.devices()), ("d",))
+            rng = np.random.default_rng()
+            x = rng.standard_normal((8, 1, 6, 5)).astype(np.float32)
+            y = (rng.random((8, 1, 6, 5)) > 0.5).astype(np.float32)
+            ours = lossc.jax.function("dice(sigmoid(x), y)")
+            def theirs(x, y):
+                p = jax.nn.sigmoid(x)
+                return 1 - (2 * jnp.sum(p * y) + 1) / (jnp.sum(p) + jnp.sum(y) + 1)
+            results = []
+            for f in (ours, theirs):
+                mean = jax.shard_map(lambda x, y: jax.lax.pmean(f(x, y), "d"), mesh=mesh,
+                                     in_specs=(P("d"), P("d")), out_specs=P())
+                inner = jax.shard_map(jax.grad(f), mesh=mesh, in_specs=(P("d"), P("d")), out_specs=P("d"))
+                results.append((*jax.jit(jax.value_and_grad(mean))(x, y), jax.jit(inner)(x, y)))
+                try:
+                    jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P("d"), P("d")), out_specs=P()))(x, y)
+                    raise SystemExit("a per-shard loss passed as replicated")
+                except ValueError as e:
+                    assert "replicat" in str(e), e
+            for a, b in zip(*results):
+                a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+                assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max(), (a, b)
+            print("ok")
+            """
+        )
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+        run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+        self.assertEqual(run.returncode, 0, run.stderr[-3000:])
+        self.assertEqual(run.stdout.strip(), "ok")
 
 
 if __name__ == "__main__":

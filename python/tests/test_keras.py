@@ -67,6 +67,24 @@ class KerasLoss(unittest.TestCase):
         self.addCleanup(__import__("shutil").rmtree, folder)
         return folder
 
+    def test_targets_of_another_rank(self):
+        # As Keras's own losses: a target [N, 1] for a prediction [N] (not an N x N
+        # broadcast), index labels for a loss on index labels; index labels for a loss
+        # whose target is one-hot are refused rather than broadcast over the classes.
+        rng = np.random.default_rng()
+        logits = rng.normal(size=(6,)).astype(np.float32)
+        targets = (rng.uniform(size=(6, 1)) < 0.5).astype(np.float32)
+        expected = keras.losses.BinaryCrossentropy(from_logits=True)(targets[:, 0], logits)
+        self.assertAlmostEqual(float(lossc.keras.Loss("bce_logits")(targets, logits)), float(expected), places=5)
+        images = rng.normal(size=(2, 5, 4, 3)).astype(np.float32)
+        labels = rng.integers(0, 3, (2, 5, 4))
+        expected = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(labels, images)
+        self.assertAlmostEqual(float(lossc.keras.Loss("cross_entropy_index")(labels, images)), float(expected), places=5)
+        with self.assertRaisesRegex(ValueError, "one-hot"):
+            lossc.keras.Loss("dice_multiclass")(labels, images)
+        with self.assertRaisesRegex(ValueError, "the target has shape"):
+            lossc.keras.Loss("bce_logits")(targets[:, :, None], logits)
+
     def test_refusals(self):
         with self.assertRaisesRegex(ValueError, "takes \\(prediction, target\\)"):
             lossc.keras.Loss("dice_masked")

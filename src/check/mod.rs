@@ -56,6 +56,12 @@ impl<'a> Env<'a> {
     }
 }
 
+/// A parameter of a called loss, as its arguments are lowered.
+enum Param<'a> {
+    Tensor(&'a TensorParam),
+    Hyper(&'a HyperParam),
+}
+
 /// The loss to lower: a definition, or a bare expression whose free names are inputs.
 pub enum Entry<'a> {
     Def(&'a LossDef),
@@ -93,14 +99,24 @@ pub fn lower(env: &Env, entry: Entry, params: &HashMap<String, f64>) -> R<Lowere
                     Some(&v) => v,
                     None => {
                         let d = lw.expr(&h.default, &scope)?;
-                        lw.g.fold(d).ok_or_else(|| {
+                        let v = lw.g.fold(d).ok_or_else(|| {
                             Diagnostic::new(
                                 "check::default_not_constant",
                                 h.default.span,
                                 "a default must be a constant",
                             )
                             .label("this does not reduce to a number")
-                        })?
+                        })?;
+                        // As for a value given with the parameters.
+                        if !v.is_finite() {
+                            return Err(Diagnostic::new(
+                                "check::default_not_finite",
+                                h.default.span,
+                                format!("the default of `{}` must be finite", h.name.name),
+                            )
+                            .label(format!("this is {v}")));
+                        }
+                        v
                     }
                 };
                 hypers.push((h.name.name.clone(), v));
@@ -349,63 +365,50 @@ impl Lowerer<'_> {
         check_params(def)?;
         let bound = bind_arguments(def, args, span)?;
         let mut callee = Scope { vars: HashMap::new(), sorted: scope.sorted };
-        // Lower in the order the arguments are written, so that a bare expression's
-        // inputs come in order of first appearance even with named arguments.
-        let mut tensors: Vec<(&TensorParam, &Expr)> = def
+        // Lower the arguments in the order they are written, tensors and hyperparameters
+        // alike, so that a bare expression's inputs come in order of first appearance
+        // even with named arguments; then the defaults, in declaration order.
+        let mut written: Vec<(&Expr, Param)> = def
             .tensors
             .iter()
             .zip(&bound.tensors)
-            .map(|(t, a)| (t, a.expect("invariant: bind_arguments fills every tensor")))
+            .map(|(t, a)| (a.expect("invariant: bind_arguments fills every tensor"), Param::Tensor(t)))
             .collect();
-        tensors.sort_by_key(|(_, a)| a.span.start);
-        for (t, arg) in tensors {
-            let axes = declared_axes(t)?;
-            let v = match &arg.kind {
-                ExprKind::Name(n) => self.name(n, arg.span, scope, axes)?,
-                _ => self.expr(arg, scope)?,
-            };
-            // Values in sorted order span every axis; a helper called inside a `sorted`
-            // block takes them and scans in the block's order.
-            if !axes.contains(self.g.axes(v)) {
-                return Err(Diagnostic::new(
-                    "shape::argument_axes",
-                    arg.span,
-                    format!(
-                        "argument `{}` of `{name}` may vary only over {axes}, but this varies over {}",
-                        t.name.name,
-                        self.g.axes(v)
-                    ),
-                )
-                .label(format!("expected {axes}")));
-            }
-            callee.vars.insert(t.name.name.clone(), v);
-        }
-        for (h, arg) in def.hypers.iter().zip(&bound.hypers) {
-            let v = match arg {
-                Some(a) => {
-                    let v = self.expr(a, scope)?;
+        written.extend(def.hypers.iter().zip(&bound.hypers).filter_map(|(h, a)| Some(((*a)?, Param::Hyper(h)))));
+        written.sort_by_key(|(a, _)| a.span.start);
+        for (arg, param) in written {
+            let (param_name, v) = match param {
+                Param::Tensor(t) => (&t.name.name, self.tensor_argument(name, t, arg, scope)?),
+                Param::Hyper(h) => {
+                    let v = self.expr(arg, scope)?;
                     if !self.g.axes(v).is_empty() || self.g.space(v) != Space::Elements {
                         return Err(Diagnostic::new(
                             "check::hyperparameter_not_scalar",
-                            a.span,
+                            arg.span,
                             format!("hyperparameter `{}` of `{name}` must be a scalar", h.name.name),
                         )
                         .label(format!("this varies over {}", self.g.axes(v))));
                     }
-                    v
+                    (&h.name.name, v)
                 }
-                // A callee's default may use its earlier hyperparameters (`b = 1 - a`),
-                // which may be any scalar here; it must not depend on a tensor.
-                None => self.in_callee(name, span, |lw| {
-                    let v = lw.expr(&h.default, &callee)?;
-                    if lw.g.axes(v).is_empty() && lw.g.space(v) == Space::Elements {
-                        Ok(v)
-                    } else {
-                        Err(Diagnostic::new("check::default_not_scalar", h.default.span, "a default must be a scalar")
-                            .label(format!("this varies over {}", lw.g.axes(v))))
-                    }
-                })?,
             };
+            callee.vars.insert(param_name.clone(), v);
+        }
+        for (h, arg) in def.hypers.iter().zip(&bound.hypers) {
+            if arg.is_some() {
+                continue;
+            }
+            // A callee's default may use its earlier hyperparameters (`b = 1 - a`), which
+            // may be any scalar here; it must not depend on a tensor.
+            let v = self.in_callee(name, span, |lw| {
+                let v = lw.expr(&h.default, &callee)?;
+                if lw.g.axes(v).is_empty() && lw.g.space(v) == Space::Elements {
+                    Ok(v)
+                } else {
+                    Err(Diagnostic::new("check::default_not_scalar", h.default.span, "a default must be a scalar")
+                        .label(format!("this varies over {}", lw.g.axes(v))))
+                }
+            })?;
             callee.vars.insert(h.name.name.clone(), v);
         }
         let mut key: Vec<NodeId> = def.tensors.iter().map(|t| callee.vars[&t.name.name]).collect();
@@ -421,6 +424,31 @@ impl Lowerer<'_> {
             self.inlined.insert(key, id);
         }
         result
+    }
+
+    /// A tensor argument of a call of `callee`, checked against the axes its parameter
+    /// declares.
+    fn tensor_argument(&mut self, callee: &str, t: &TensorParam, arg: &Expr, scope: &Scope) -> R<NodeId> {
+        let axes = declared_axes(t)?;
+        let v = match &arg.kind {
+            ExprKind::Name(n) => self.name(n, arg.span, scope, axes)?,
+            _ => self.expr(arg, scope)?,
+        };
+        // Values in sorted order span every axis; a helper called inside a `sorted`
+        // block takes them and scans in the block's order.
+        if !axes.contains(self.g.axes(v)) {
+            return Err(Diagnostic::new(
+                "shape::argument_axes",
+                arg.span,
+                format!(
+                    "argument `{}` of `{callee}` may vary only over {axes}, but this varies over {}",
+                    t.name.name,
+                    self.g.axes(v)
+                ),
+            )
+            .label(format!("expected {axes}")));
+        }
+        Ok(v)
     }
 
     /// Runs `f` for the body of callee `name`; an error inside another file is

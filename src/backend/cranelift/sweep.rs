@@ -171,23 +171,37 @@ pub struct Shape {
     pub spatial_broadcast: Vec<bool>,
 }
 
-/// The host's ISA, as `cranelift_native` detects it, twice: to optimise the kernels, and
-/// to lower them after lossc's own passes without optimising (reordering) them again.
+/// Instructions in a kernel past which its registers are allocated in a single pass:
+/// the backtracking allocator's time grows faster than the kernel there (a chain of 400
+/// sigmoids, 15,700 instructions, took 0.8 s; of 800, 7 s). The 64-class kernels have
+/// about 8,000.
+const HUGE: usize = 16_384;
+
+/// The host's ISA, as `cranelift_native` detects it: to optimise the kernels, and to
+/// lower them after lossc's own passes without optimising (reordering) them again; a
+/// loop of thousands of instructions (a user's chain of hundreds of sigmoids) with a
+/// register allocator whose time grows linearly, not quadratically, with its length.
 struct Isas {
     optimize: OwnedTargetIsa,
     lower: OwnedTargetIsa,
+    lower_huge: OwnedTargetIsa,
 }
 
 impl Isas {
     fn host() -> Result<Isas, String> {
-        Ok(Isas { optimize: host_isa("speed")?, lower: host_isa("none")? })
+        Ok(Isas {
+            optimize: host_isa("speed", "backtracking")?,
+            lower: host_isa("none", "backtracking")?,
+            lower_huge: host_isa("none", "single_pass")?,
+        })
     }
 }
 
-fn host_isa(opt_level: &str) -> Result<OwnedTargetIsa, String> {
+fn host_isa(opt_level: &str, regalloc: &str) -> Result<OwnedTargetIsa, String> {
     let mut flags = settings::builder();
     let set = |f: &mut settings::Builder, k: &str, v: &str| f.set(k, v).map_err(|e| format!("{k}={v}: {e}"));
     set(&mut flags, "opt_level", opt_level)?;
+    set(&mut flags, "regalloc_algorithm", regalloc)?;
     // The verifier runs in debug builds (and so in the tests), not on users' compiles.
     set(&mut flags, "enable_verifier", if cfg!(debug_assertions) { "true" } else { "false" })?;
     cranelift_native::builder()
@@ -257,7 +271,10 @@ fn machine_code(g: &Graph, spec: &SweepSpec, shape: &Shape, isas: &Isas, k: usiz
     // 44 kept).
     if shape.classes == 1 {
         schedule::block(&mut ctx.func, inner);
-        if schedule::vector_pressure(&ctx.func, inner) > schedule::CROWDED {
+        // Not in a loop of thousands of instructions: cutting costs time quadratic in the
+        // loop's length.
+        let small = ctx.func.layout.block_insts(inner).count() <= schedule::LARGEST_CUT;
+        if small && schedule::vector_pressure(&ctx.func, inner) > schedule::CROWDED {
             let blocks = schedule::cut_after_shared_values(&mut ctx.func, inner);
             schedule::invariants_from_memory(&mut ctx.func, &blocks);
         }
@@ -275,8 +292,9 @@ fn machine_code(g: &Graph, spec: &SweepSpec, shape: &Shape, isas: &Isas, k: usiz
     ctx.func.dfg.resolve_all_aliases();
     ctx.compute_cfg();
     ctx.compute_domtree();
-    let code = isas
-        .lower
+    let size: usize = ctx.func.layout.blocks().map(|b| ctx.func.layout.block_insts(b).count()).sum();
+    let lower = if size > HUGE { &isas.lower_huge } else { &isas.lower };
+    let code = lower
         .compile_function(&ctx.func, &ctx.domtree, &mut regalloc2::Ctx::default(), disasm, &mut ControlPlane::default())
         .map_err(|e| format!("sweep {k}: {e:?}"))?
         .apply_params(&ctx.func.params);
