@@ -10,13 +10,15 @@ as an XLA custom call (`jax.ffi`) that reads and writes XLA's own buffers: under
 differentiated (lossc's fused sweeps), and the backward pass only scales them. Inputs
 go to the kernels as float32. With `reference=True`, where JAX has no `jax.ffi`, or in a
 program lowered for another platform than the CPU, the call goes through
-`jax.pure_callback` instead, which copies the arrays out of XLA and back. The value is float32 (float64 for `reference=True`
-with `jax_enable_x64`); gradients come in each input's dtype. Shapes are checked when
-the function is traced: a mismatch raises `lossc.ShapeError` there. `jax.vmap`
-evaluates the loss once per mapped element, laid out by that element's own shape: a
-per-example `[C, H, W]` reads as batch C, so map over `[N, 1, C, H, W]` (`x[:, None]`)
-to keep each example's class axis. Higher-order derivatives are refused (the
-gradients are computed, not traced).
+`jax.pure_callback` instead, which copies the arrays out of XLA and back. The value is
+float32 (float64 for `reference=True` with `jax_enable_x64`); gradients come in each
+input's dtype. Shapes are checked when the function is traced: a mismatch raises
+`lossc.ShapeError` there. `jax.vmap` evaluates the loss once per mapped element, laid
+out by that element's own shape: a per-example `[C, H, W]` reads as batch C, so map
+over `[N, 1, C, H, W]` (`x[:, None]`) to keep each example's class axis. Under
+`jax.shard_map` the loss of each shard's arrays is that shard's (combine them with
+`jax.lax.pmean`). Higher-order derivatives are refused (the gradients are computed,
+not traced).
 """
 
 import warnings
@@ -75,7 +77,8 @@ def _on_the_cpu(direct, callback, *args):
 
 def _manual_axes(x):
     """The mesh axes of a `jax.shard_map` that `x` varies over (none outside one)."""
-    kind = getattr(jax.typeof(x), "manual_axis_type", None)
+    typeof = getattr(jax, "typeof", None)  # JAX 0.6 and later
+    kind = getattr(typeof(x), "manual_axis_type", None) if typeof else None
     return frozenset(getattr(kind, "varying", None) or ())
 
 
