@@ -295,7 +295,7 @@ unsafe fn read_pointers<T>(
     shapes: *const Shape,
     n: usize,
 ) -> Result<Vec<Unread<T>>, Failure> {
-    check_count(loss, n)?;
+    check_count(loss, n, "n_inputs")?;
     if n == 0 {
         return Ok(vec![]);
     }
@@ -316,10 +316,11 @@ unsafe fn read_pointers<T>(
     Ok(out)
 }
 
-/// Checks `n` (the caller's `n_inputs`) against the loss before any array is read: it is
+/// Checks `n` (the caller's count of arrays, which the message calls `counted`: C's
+/// `n_inputs`, XLA's operands) against the loss before any array is read: it is
 /// their length by the caller's contract, and a wrong count would read past them (or
 /// reserve a vector of absurd size).
-fn check_count(loss: &crate::Loss, n: usize) -> Result<(), Failure> {
+fn check_count(loss: &crate::Loss, n: usize, counted: &str) -> Result<(), Failure> {
     let specs = loss.inputs();
     if n == specs.len() {
         return Ok(());
@@ -328,7 +329,7 @@ fn check_count(loss: &crate::Loss, n: usize) -> Result<(), Failure> {
     Err(Failure::new(
         Status::Shape,
         format!(
-            "error: `{}` takes {} inputs ({}), but {n} were given (n_inputs)\n",
+            "error: `{}` takes {} inputs ({}), but {n} were given ({counted})\n",
             loss.name(),
             specs.len(),
             names.join(", ")
@@ -801,7 +802,7 @@ pub unsafe extern "C" fn lossc_check_shapes(loss: *const Loss, shapes: *const Sh
     boundary(|| {
         // SAFETY (this block): the caller's contract, as documented above.
         let loss = unsafe { borrow(loss, "loss") }?;
-        check_count(&loss.loss, n_inputs)?;
+        check_count(&loss.loss, n_inputs, "n_inputs")?;
         let mut all = Vec::with_capacity(n_inputs);
         if n_inputs > 0 {
             let shapes = non_null(shapes, "shapes")?;

@@ -21,7 +21,7 @@ use std::ffi::{c_char, c_void};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use super::{aligned, evaluate, extents, panic_message, Failure, Shape, Status};
+use super::{aligned, check_count, evaluate, extents, panic_message, Failure, Shape, Status};
 use crate::tensor::View;
 
 #[repr(C)]
@@ -378,17 +378,7 @@ unsafe fn execute(frame: &CallFrame) -> Result<(), Failure> {
     let loss = compiled(source, attrs.params.unwrap_or(""))?;
     let names: Vec<&str> = loss.inputs().iter().map(|s| s.name.as_str()).collect();
     let n = names.len();
-    if usize::try_from(frame.args.size) != Ok(n) {
-        return Err(Failure::new(
-            Status::Shape,
-            format!(
-                "error: `{}` takes {n} inputs ({}), but {} were given\n",
-                loss.name(),
-                names.join(", "),
-                frame.args.size
-            ),
-        ));
-    }
+    check_count(&loss, usize::try_from(frame.args.size).unwrap_or(usize::MAX), "operands")?;
     if wrt < 0 || (n < 64 && wrt >> n != 0) {
         return Err(Failure::invalid(format!("`wrt` = {wrt} names inputs that {} does not have", loss.name())));
     }
