@@ -74,15 +74,24 @@ fn check(loss: &Loss, ext: [usize; 3], seed: u64, soft: bool) {
         }
         // The floor keeps rounding noise (about 1e-11 absolute) from counting where the gradient is 0.
         let scale = grads[i].data.iter().fold(0.0f64, |m, g| m.max(g.abs())).max(1e-4);
-        for k in 0..inputs[i].len() {
-            let h = 1e-5 * inputs[i].data[k].abs().max(1.0);
+        let f = |t: &Vec<Tensor>| loss.eval(&t.iter().collect::<Vec<_>>()).expect("evaluates");
+        let central = |k: usize, h: f64| {
             let mut plus = inputs.clone();
             plus[i].data[k] += h;
             let mut minus = inputs.clone();
             minus[i].data[k] -= h;
-            let f = |t: &Vec<Tensor>| loss.eval(&t.iter().collect::<Vec<_>>()).expect("evaluates");
-            let fd = (f(&plus) - f(&minus)) / (2.0 * h);
-            let err = (fd - grads[i].data[k]).abs() / scale;
+            (f(&plus) - f(&minus)) / (2.0 * h)
+        };
+        for k in 0..inputs[i].len() {
+            let h = 1e-5 * inputs[i].data[k].abs().max(1.0);
+            let mut fd = central(k, h);
+            let mut err = (fd - grads[i].data[k]).abs() / scale;
+            if err >= 1e-6 {
+                // A kink (a clamp, max, abs) within h of the point averages two slopes: a
+                // step ten times smaller is past it, unless the gradient is wrong.
+                fd = central(k, h / 10.0);
+                err = (fd - grads[i].data[k]).abs() / scale;
+            }
             assert!(
                 err < 1e-6,
                 "{} d/d{}[{k}] at {ext:?} (seed {seed}): symbolic {} vs finite difference {fd} (relative error {err:.2e})",

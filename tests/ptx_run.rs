@@ -224,7 +224,7 @@ const CASES: [Case; 5] = [
 
 #[test]
 fn every_stdlib_loss_runs_in_the_interpreter() {
-    let seed: u64 = rand::random();
+    let seed = common::seed();
     let mut rng = Rng::new(seed);
     let losses: Vec<Loss> =
         lossc::stdlib::stdlib().defs.iter().filter_map(|d| Loss::compile(&d.name.name, "").ok()).collect();
@@ -258,7 +258,7 @@ fn every_stdlib_loss_runs_in_the_interpreter() {
 
 #[test]
 fn hyperparameters_and_user_losses() {
-    let seed: u64 = rand::random();
+    let seed = common::seed();
     let mut rng = Rng::new(seed);
     let cases = [
         ("tversky", "alpha=0.2,beta=0.8"),
@@ -287,7 +287,7 @@ fn hyperparameters_and_user_losses() {
 
 #[test]
 fn some_gradients_and_value_only() {
-    let seed: u64 = rand::random();
+    let seed = common::seed();
     let mut rng = Rng::new(seed);
     let mut failures = Vec::new();
     for name in ["dice", "focal_tversky", "dice_multiclass", "cross_entropy", "bce_logits_masked"] {
@@ -307,7 +307,7 @@ fn some_gradients_and_value_only() {
 
 #[test]
 fn broadcast_inputs() {
-    let seed: u64 = rand::random();
+    let seed = common::seed();
     let mut rng = Rng::new(seed);
     let mut failures = Vec::new();
     let uniform = |rng: &mut Rng, shapes: &[[usize; 3]]| -> Vec<Tensor> {
@@ -342,7 +342,7 @@ fn broadcast_inputs() {
 /// A NaN input gives a NaN loss, and NaN gradients where the reference has them.
 #[test]
 fn nan_inputs_propagate() {
-    let seed: u64 = rand::random();
+    let seed = common::seed();
     let mut rng = Rng::new(seed);
     let mut failures = Vec::new();
     for name in ["dice", "focal", "bce_logits", "cross_entropy", "dice_multiclass", "generalized_dice", "mcc"] {
@@ -481,7 +481,7 @@ fn small_losses_keep_their_relative_accuracy() {
 /// reference compute from the same f32 values, so only the tail's maths can differ.
 #[test]
 fn tail_functions_are_double_precision() {
-    let seed: u64 = rand::random();
+    let seed = common::seed();
     let mut rng = Rng::new(seed);
     let sources = [
         "exp(mean(x) * 30)",

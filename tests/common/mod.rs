@@ -22,3 +22,9 @@ pub fn gradient_tolerance(scale: f64, tiny: bool) -> f64 {
 pub fn within(got: f64, want: f64, tolerance: f64) -> bool {
     (got - want).abs() <= tolerance || (got.is_nan() && want.is_nan())
 }
+
+/// A fresh random seed for a test's inputs, or `LOSSC_TEST_SEED` to replay the one a
+/// failure printed.
+pub fn seed() -> u64 {
+    std::env::var("LOSSC_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random)
+}

@@ -90,7 +90,7 @@ fn on_gpu(driver: &Driver, loss: &Loss, shapes: &[[usize; 3]], data: &[Vec<f32>]
 #[test]
 fn every_stdlib_loss_agrees_with_the_cpu_path_and_repeats_bitwise() {
     let Some(driver) = device() else { return };
-    let seed: u64 = rand::random();
+    let seed = common::seed();
     let mut rng = Rng::new(seed);
     let mut failures = Vec::new();
     let losses: Vec<Loss> = lossc::stdlib::stdlib()
