@@ -724,6 +724,14 @@ pub(crate) fn abs(b: &mut FunctionBuilder, x: Value) -> Value {
     as_float(b, v)
 }
 
+/// -x by flipping the sign bit (NaN stays NaN).
+pub(crate) fn flip_sign(b: &mut FunctionBuilder, x: Value) -> Value {
+    let m = splat_int(b, SIGN);
+    let xi = as_int(b, x);
+    let v = b.ins().bxor(xi, m);
+    as_float(b, v)
+}
+
 /// -|x| by setting the sign bit.
 fn neg_abs(b: &mut FunctionBuilder, x: Value) -> Value {
     let m = splat_int(b, SIGN);

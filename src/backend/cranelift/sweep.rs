@@ -12,6 +12,7 @@
 //! partials. Values that do not vary over positions (results of earlier sweeps, class
 //! weights) arrive as one `f32` per class in the tail slots.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 
 use cranelift_codegen::control::ControlPlane;
@@ -252,7 +253,9 @@ fn machine_code(g: &Graph, spec: &SweepSpec, shape: &Shape, isas: &Isas, k: usiz
     let mut fctx = FunctionBuilderContext::new();
     let inner = {
         let mut b = FunctionBuilder::new(&mut func, &mut fctx);
-        let inner = Emitter { g, spec, shape, math: Math::for_isa(isa), hoisted: HashMap::new() }.emit(&mut b)?;
+        let inner =
+            Emitter { g, spec, shape, math: Math::for_isa(isa), hoisted: HashMap::new(), masks: RefCell::default() }
+                .emit(&mut b)?;
         b.seal_all_blocks();
         b.finalize(isa.frontend_config());
         inner
@@ -352,6 +355,9 @@ struct Emitter<'a> {
     math: Math,
     /// Loop-invariant vectors (constants, tail values), by node and class.
     hoisted: Values,
+    /// The lane mask behind each comparison's 0/1 vector, so that a `where` on it selects
+    /// with the mask itself instead of comparing the 0/1 vector with 0 again.
+    masks: RefCell<HashMap<Value, Value>>,
 }
 
 /// Positions between moves of the f32 sums into the f64 ones (a multiple of 4 UNROLL).
@@ -962,10 +968,14 @@ impl Emitter<'_> {
         let flag = |b: &mut FunctionBuilder, cc: FloatCC| {
             let mask = b.ins().fcmp(cc, x[0], x[1]);
             let (t, f) = (math::splat(b, one()), math::splat(b, 0.0));
-            math::select(b, mask, t, f)
+            let v = math::select(b, mask, t, f);
+            self.masks.borrow_mut().insert(v, mask);
+            v
         };
         Ok(match op {
-            Op::Neg => b.ins().fneg(x[0]),
+            // One xor with the sign bit (a memory operand in the loop), where Cranelift's
+            // `fneg` of a vector builds its mask with two more instructions each time.
+            Op::Neg => math::flip_sign(b, x[0]),
             Op::Exp => m.exp(b, x[0]),
             Op::Log if positive_normal(self.g, ids[0]) => m.log_normal(b, x[0]),
             Op::Log => m.log(b, x[0]),
@@ -1011,8 +1021,11 @@ impl Emitter<'_> {
             Op::Eq => flag(b, FloatCC::Equal),
             Op::Ne => flag(b, FloatCC::NotEqual),
             Op::Select => {
-                let z = math::splat(b, 0.0);
-                let pick = b.ins().fcmp(FloatCC::NotEqual, x[0], z);
+                let known = self.masks.borrow().get(&x[0]).copied();
+                let pick = known.unwrap_or_else(|| {
+                    let z = math::splat(b, 0.0);
+                    b.ins().fcmp(FloatCC::NotEqual, x[0], z)
+                });
                 math::select(b, pick, x[1], x[2])
             }
             other => return Err(format!("`{}` is not computed by native kernels", other.name())),
