@@ -17,10 +17,15 @@ evaluated in float32 and get gradients of their own dtype. A second derivative
 gradients are computed, not traced. Of the `torch.func` transforms, `grad`, `vjp`,
 `jacrev` and `vmap` work (`vmap` evaluates one example at a time, as the function would
 see it: without the mapped axis); forward-mode ones (`jvp`, `jacfwd`) do not.
+Under `torch.compile` (PyTorch 2.4 and later) the loss is one opaque operator in the
+graph, `lossc::value_and_grad`, so `fullgraph=True` works; earlier PyTorch breaks the
+graph at the loss.
 """
 
 import ctypes
+import functools
 import threading
+from typing import List, Tuple
 
 import numpy as np
 import torch
@@ -35,6 +40,8 @@ def evaluate(loss, *tensors, reference=False):
     """The loss (a `lossc.Loss`) on tensors, as a 0-d tensor that autograd can differentiate."""
     if not isinstance(loss, _lossc.Loss):
         raise TypeError(f"`loss` is a lossc.Loss, not {type(loss).__name__}")
+    if _value_and_grad_op is not None and _compiling():
+        return _evaluate_compiled(loss, reference, tensors)
     if len(tensors) != len(loss.inputs):
         # Here, before autograd: lossc's own message, whatever requires a gradient.
         loss.check_shapes(*(np.shape(t) for t in tensors))
@@ -268,3 +275,88 @@ def _evaluate_cuda(loss, tensors, wanted):
     with torch.cuda.device(inputs[0].device if inputs else None):
         _lossc._check(lib.lossc_eval_cuda(loss._handle, pointers, shapes, n, ctypes.byref(value), slots, stream))
     return value.value, grads
+
+
+# torch.compile. Dynamo cannot trace an autograd.Function that calls into ctypes, so it
+# breaks the graph there; a custom operator is opaque to it instead. The operator takes
+# the loss as its text and parameters (as lossc.jax's custom call does), not as a
+# pointer, so that the graph holds only strings, numbers and tensors; `_compiled` turns
+# them back into a `lossc.Loss`, compiled once per loss.
+
+
+def _compiling():
+    """Whether Dynamo is tracing (constant True in the traced code)."""
+    compiler = getattr(torch, "compiler", None)
+    if hasattr(compiler, "is_compiling"):
+        return compiler.is_compiling()
+    return torch._dynamo.is_compiling()
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(source, params):
+    """The `lossc.Loss` of a source and its parameters as `lossc._params_text` writes them."""
+    values = dict(item.split("=", 1) for item in params.split(",") if item)
+    return _lossc.Loss(source, **{name: float(value) for name, value in values.items()})
+
+
+def _evaluate_compiled(loss, reference, tensors):
+    # Only what Dynamo traces: no NumPy dtypes (`_as_tensor`), no ctypes (the count
+    # check in `evaluate`; the operator checks the inputs' number and shapes as it runs).
+    tensors = [t if isinstance(t, torch.Tensor) else _as_tensor_traced(t) for t in tensors]
+    # Which gradients the forward computes: from requires_grad at trace time, as eager.
+    # Dynamo guards on requires_grad and grad mode, so a change recompiles.
+    wanted = [i for i, t in enumerate(tensors) if t.requires_grad] if torch.is_grad_enabled() else []
+    value, _ = _value_and_grad_op(loss._source, _lossc._params_text(loss._params), reference, wanted, tensors)
+    return value
+
+
+def _as_tensor_traced(value):
+    """`_as_tensor` in torch's own operations, which Dynamo traces."""
+    t = torch.as_tensor(value)
+    return t.to(torch.get_default_dtype()) if t.is_floating_point() else t
+
+
+# typing's List and Tuple: PyTorch 2.6 and earlier refuse list[int] in an operator's
+# signature (pytorch/pytorch#146594).
+def _value_and_grad_impl(
+    source: str, params: str, reference: bool, wanted: List[int], inputs: List[torch.Tensor]
+) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """The value (as eager gives it) and the gradients in `wanted`, in float32 (float64
+    for `reference`): the backward pass scales them in that precision, as eager does."""
+    loss = _compiled(source, params)
+    if len(inputs) != len(loss.inputs):
+        loss.check_shapes(*(t.shape for t in inputs))  # lossc's message, before `wanted`'s
+    value, grads = _value_and_grad(loss, reference, inputs, tuple(wanted))
+    return _result(value, inputs), grads
+
+
+def _value_and_grad_fake(source, params, reference, wanted, inputs):
+    # No shape check here: Dynamo would wrap lossc's error in its own. The real call
+    # checks, and raises lossc's exception when the compiled function runs.
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in inputs) else torch.float32
+    value = inputs[0].new_empty((), dtype=dtype) if inputs else torch.empty((), dtype=dtype)
+    grad_dtype = torch.float64 if reference else torch.float32
+    grads = [torch.empty_like(inputs[i], dtype=grad_dtype, memory_format=torch.contiguous_format) for i in wanted]
+    return value, grads
+
+
+def _value_and_grad_setup(ctx, inputs, output):
+    _, _, _, wanted, tensors = inputs
+    ctx.wanted, ctx.dtypes = list(wanted), [t.dtype for t in tensors]
+    ctx.save_for_backward(*output[1])
+
+
+def _value_and_grad_backward(ctx, grad_value, _grad_grads):
+    out = [None] * len(ctx.dtypes)
+    if grad_value is not None:
+        # As eager: scaled in the gradients' precision, then cast to the input's dtype.
+        for i, g in zip(ctx.wanted, ctx.saved_tensors):
+            out[i] = (g * grad_value.to(g.dtype)).to(ctx.dtypes[i])
+    return None, None, None, None, out
+
+
+_value_and_grad_op = None
+if hasattr(torch, "library") and hasattr(torch.library, "custom_op"):  # PyTorch 2.4 and later
+    _value_and_grad_op = torch.library.custom_op("lossc::value_and_grad", mutates_args=())(_value_and_grad_impl)
+    _value_and_grad_op.register_fake(_value_and_grad_fake)
+    _value_and_grad_op.register_autograd(_value_and_grad_backward, setup_context=_value_and_grad_setup)

@@ -259,5 +259,104 @@ class Behaviour(unittest.TestCase):
         self.assertTrue(np.isnan(criterion(torch.full((1, 1, 3), float("nan")), torch.rand(1, 1, 3)).item()))
 
 
+def dice_multiclass_weighted(x, y, w, smooth=1.0):
+    s = torch.softmax(x, dim=1)
+    dims = (0, 2, 3)
+    d = (2 * (s * y).sum(dims) + smooth) / (s.sum(dims) + y.sum(dims) + smooth)
+    return 1 - (w.reshape(-1) * d).sum() / w.sum()
+
+
+@unittest.skipIf(lossc.torch._value_and_grad_op is None, "torch.library.custom_op needs PyTorch 2.4")
+class UnderTorchCompile(unittest.TestCase):
+    """The loss as one operator in a torch.compile graph (each compile takes seconds on
+    the CPU, so there are few)."""
+
+    def assertClose(self, mine, theirs, tolerance):
+        scale = max(theirs.abs().max().item(), 1e-30)
+        self.assertLess((mine.double() - theirs.double()).abs().max().item(), tolerance * scale)
+
+    def test_one_graph_with_the_values_and_gradients_of_eager(self):
+        torch.manual_seed(5)
+        binary = lossc.torch.Loss("0.5*dice(sigmoid(x), y) + bce_logits(x, y)")
+        multiclass = lossc.torch.Loss("dice_multiclass_weighted", smooth=2)
+        from torch._dynamo.testing import CompileCounterWithBackend
+
+        counter = CompileCounterWithBackend("inductor")
+
+        @torch.compile(fullgraph=True, backend=counter)
+        def losses(x, y, xm, ym, w):
+            return binary(x, y), multiclass(xm, ym, w)
+
+        def fresh():
+            x, y = inputs((3, 1, 12, 10))
+            xm, ym = inputs((2, 4, 6, 7), classes=4)
+            return x.requires_grad_(), y.requires_grad_(), xm.requires_grad_(), ym, torch.rand(1, 4) + 0.5
+
+        sum(losses(*fresh())).backward()  # traced and compiled on these
+        args = fresh()
+        compiled = losses(*args)
+        sum(compiled).backward()
+        eager_args = [a.detach().clone().requires_grad_(a.requires_grad) for a in args]
+        eager = (binary(*eager_args[:2]), multiclass(*eager_args[2:]))
+        sum(eager).backward()
+        double = [a.detach().double().requires_grad_(a.requires_grad) for a in args]
+        formulas = (combined(*double[:2]), dice_multiclass_weighted(*double[2:], smooth=2))
+        sum(formulas).backward()
+        for mine, theirs, exact in zip(compiled, formulas, eager):
+            self.assertEqual(mine.dtype, torch.float32)
+            self.assertClose(mine, exact, 1e-6)
+            self.assertClose(mine, theirs, 1e-5)
+        for mine, theirs, exact in zip(args, double, eager_args):
+            if mine.requires_grad:
+                self.assertClose(mine.grad, exact.grad, 1e-6)
+                self.assertClose(mine.grad, theirs.grad, 1e-5)
+        # One graph for both calls (no break, no recompile), holding both losses as
+        # lossc's operator.
+        self.assertEqual(counter.frame_count, 1)
+        self.assertEqual(str(counter.graphs[0].code).count("lossc.value_and_grad"), 2)
+
+    def test_a_compiled_training_step_learns(self):
+        torch.manual_seed(0)
+        images = torch.randn(16, 3, 24, 24)
+        masks = (images[:, :1] + 0.5 * images[:, 1:2] > 0).float()
+        criterion = lossc.torch.Loss("0.5*dice(sigmoid(x), y) + bce_logits(x, y)")
+
+        def train(compile):
+            torch.manual_seed(1)
+            model = torch.nn.Conv2d(3, 1, 1)
+            optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+            forward = lambda images, masks: criterion(model(images), masks)  # noqa: E731
+            if compile:
+                # Model and loss in one graph; `backward` runs its compiled backward.
+                # (Dynamo itself does not trace `backward` or the optimizer's step.)
+                forward = torch.compile(forward, fullgraph=True)
+            history = []
+            for _ in range(8):
+                optimizer.zero_grad()
+                loss = forward(images, masks)
+                loss.backward()
+                optimizer.step()
+                history.append(loss.item())
+            return history
+
+        history = train(compile=True)
+        self.assertLess(history[-1], 0.85 * history[0], history)
+        np.testing.assert_allclose(history, train(compile=False), rtol=1e-5)
+
+    def test_errors_surface_as_lossc_raises_them(self):
+        criterion = torch.compile(lossc.torch.Loss("dice"), fullgraph=True, backend="aot_eager")
+        with self.assertRaisesRegex(lossc.ShapeError, "has 3 along batch"):
+            criterion(torch.rand(2, 1, 8, 8, requires_grad=True), torch.rand(3, 1, 8, 8))
+        with self.assertRaisesRegex(lossc.ShapeError, "takes 2 inputs"):
+            criterion(*[torch.rand(1, 1, 4, requires_grad=True)] * 3)
+
+    def test_the_operator_against_its_fake_and_autograd(self):
+        # Half precision: the fake's dtypes and the backward's cast.
+        x = torch.randn(2, 1, 5, 5, dtype=torch.float16, requires_grad=True)
+        y = torch.rand(2, 1, 5, 5, requires_grad=True)
+        args = ("bce_logits", "pos_weight=3.0", False, [0, 1], [x, y])
+        torch.library.opcheck(torch.ops.lossc.value_and_grad, args)
+
+
 if __name__ == "__main__":
     unittest.main()
