@@ -295,7 +295,7 @@ unsafe fn read_pointers<T>(
     shapes: *const Shape,
     n: usize,
 ) -> Result<Vec<Unread<T>>, Failure> {
-    check_count(loss, n, "n_inputs")?;
+    check_count(loss, n, None)?;
     if n == 0 {
         return Ok(vec![]);
     }
@@ -316,11 +316,11 @@ unsafe fn read_pointers<T>(
     Ok(out)
 }
 
-/// Checks `n` (the caller's count of arrays, which the message calls `counted`: C's
-/// `n_inputs`, XLA's operands) against the loss before any array is read: it is
+/// Checks `n` (the caller's count of arrays; the message names what was counted where it
+/// is not the `n_inputs` argument: XLA's operands) against the loss before any array is read: it is
 /// their length by the caller's contract, and a wrong count would read past them (or
 /// reserve a vector of absurd size).
-fn check_count(loss: &crate::Loss, n: usize, counted: &str) -> Result<(), Failure> {
+fn check_count(loss: &crate::Loss, n: usize, counted: Option<&str>) -> Result<(), Failure> {
     let specs = loss.inputs();
     if n == specs.len() {
         return Ok(());
@@ -329,10 +329,12 @@ fn check_count(loss: &crate::Loss, n: usize, counted: &str) -> Result<(), Failur
     Err(Failure::new(
         Status::Shape,
         format!(
-            "error: `{}` takes {} inputs ({}), but {n} were given ({counted})\n",
+            "error: `{}` takes {} inputs ({}), but {} given{}\n",
             loss.name(),
             specs.len(),
-            names.join(", ")
+            names.join(", "),
+            crate::check::builtins::given(n),
+            counted.map(|c| format!(" ({c})")).unwrap_or_default()
         ),
     ))
 }
@@ -802,7 +804,7 @@ pub unsafe extern "C" fn lossc_check_shapes(loss: *const Loss, shapes: *const Sh
     boundary(|| {
         // SAFETY (this block): the caller's contract, as documented above.
         let loss = unsafe { borrow(loss, "loss") }?;
-        check_count(&loss.loss, n_inputs, "n_inputs")?;
+        check_count(&loss.loss, n_inputs, None)?;
         let mut all = Vec::with_capacity(n_inputs);
         if n_inputs > 0 {
             let shapes = non_null(shapes, "shapes")?;

@@ -285,11 +285,11 @@ impl Loss {
         if shapes.len() != self.inputs.len() {
             let names: Vec<&str> = self.inputs.iter().map(|i| i.name.as_str()).collect();
             return Err(Error::Shape(format!(
-                "`{}` takes {} inputs ({}), but {} were given",
+                "`{}` takes {} inputs ({}), but {} given",
                 self.name,
                 self.inputs.len(),
                 names.join(", "),
-                shapes.len()
+                crate::check::builtins::given(shapes.len())
             )));
         }
         let mut ext = [1usize; 3];

@@ -124,7 +124,7 @@ def function(source, reference=False, **params):
         # error from inside the callback.
         if len(args) != count:
             raise TypeError(
-                f"{loss.name} takes {count} inputs ({', '.join(loss.inputs)}), but {len(args)} were given"
+                f"{loss.name} takes {count} inputs ({', '.join(loss.inputs)}), but {len(args)} {'was' if len(args) == 1 else 'were'} given"
             )
         for name, a in zip(loss.inputs, args):
             if jnp.issubdtype(jnp.result_type(a), jnp.complexfloating):

@@ -305,7 +305,7 @@ class Errors(unittest.TestCase):
         loss = lossc.Loss("dice")
         with self.assertRaisesRegex(lossc.ShapeError, "input `y`"):
             loss(probabilities((4, 1, 8, 8)), masks((2, 1, 8, 8)))
-        with self.assertRaisesRegex(lossc.ShapeError, r"takes 2 inputs \(p, y\), but 1 were given"):
+        with self.assertRaisesRegex(lossc.ShapeError, r"takes 2 inputs \(p, y\), but 1 was given"):
             loss(probabilities((4, 1, 8, 8)))
         with self.assertRaisesRegex(lossc.ShapeError, "but 3 were given"):
             loss.value_and_grad(*[probabilities((4, 1, 8, 8))] * 3)

@@ -378,7 +378,7 @@ unsafe fn execute(frame: &CallFrame) -> Result<(), Failure> {
     let loss = compiled(source, attrs.params.unwrap_or(""))?;
     let names: Vec<&str> = loss.inputs().iter().map(|s| s.name.as_str()).collect();
     let n = names.len();
-    check_count(&loss, usize::try_from(frame.args.size).unwrap_or(usize::MAX), "operands")?;
+    check_count(&loss, usize::try_from(frame.args.size).unwrap_or(usize::MAX), Some("operands"))?;
     if wrt < 0 || (n < 64 && wrt >> n != 0) {
         return Err(Failure::invalid(format!("`wrt` = {wrt} names inputs that {} does not have", loss.name())));
     }

@@ -33,7 +33,8 @@ pub const NAMES: &[&str] = &[
 ];
 
 /// "1 was" or "3 were".
-fn given(n: usize) -> String {
+/// "1 was" or "N were", for "..., but N were given".
+pub(crate) fn given(n: usize) -> String {
     if n == 1 {
         "1 was".into()
     } else {

@@ -4,7 +4,7 @@
 //! Calls to other losses are inlined, so every body is checked with the
 //! actual axes of its arguments. Errors carry the span of the offending text.
 
-mod builtins;
+pub(crate) mod builtins;
 
 use std::collections::HashMap;
 
@@ -16,6 +16,16 @@ type R<T> = Result<T, Diagnostic>;
 
 /// How deeply loss calls may nest: inlining recurses once per level.
 const MAX_CALL_DEPTH: usize = 32;
+
+/// Calls to loss definitions inlined into one graph, at most. Distinct calls each inline a
+/// fresh copy of the callee, so a chain of losses that each call the one before twice with
+/// other arguments doubles the graph per level: a few lines could ask for gigabytes.
+/// The stdlib's losses inline fewer than 100 calls each.
+pub const MAX_INLINED_CALLS: usize = 20_000;
+
+/// Operations in one graph, at most: with its derivatives and the later stages, about 1.5 KB
+/// each (a graph of this size takes some 15 s and 800 MB to compile).
+pub const MAX_GRAPH_NODES: usize = 500_000;
 
 /// A tensor input of the entry loss.
 #[derive(Clone, Debug, PartialEq)]
@@ -78,6 +88,7 @@ pub fn lower(env: &Env, entry: Entry, params: &HashMap<String, f64>) -> R<Lowere
         free: false,
         stack: vec![],
         inlined: HashMap::new(),
+        calls: 0,
     };
     let mut scope = Scope::default();
     let mut hypers = Vec::new();
@@ -220,6 +231,8 @@ struct Lowerer<'a> {
     /// Inlined calls by loss, arguments and sort scope: the same call is one subgraph,
     /// and repeated calls cost nothing (no blow-up for `f(x) + f(x)` chains).
     inlined: HashMap<(String, Vec<NodeId>, Option<NodeId>), NodeId>,
+    /// Calls inlined so far, against [`MAX_INLINED_CALLS`].
+    calls: usize,
 }
 
 impl Lowerer<'_> {
@@ -232,6 +245,14 @@ impl Lowerer<'_> {
     }
 
     fn build(&mut self, op: Op, args: &[NodeId], span: Span) -> R<NodeId> {
+        if self.g.len() >= MAX_GRAPH_NODES {
+            return Err(Diagnostic::new(
+                "check::too_large",
+                span,
+                format!("the loss has more than {MAX_GRAPH_NODES} operations"),
+            )
+            .label("the limit is reached here"));
+        }
         self.g.try_add(op, args).map_err(|e| type_error(e, span))
     }
 
@@ -361,6 +382,19 @@ impl Lowerer<'_> {
             return Err(Diagnostic::new("check::recursive_call", span, format!("`{name}` calls itself{how}"))
                 .label("recursive call")
                 .note("losses are inlined, so they cannot be recursive"));
+        }
+        self.calls += 1;
+        if self.calls > MAX_INLINED_CALLS {
+            return Err(Diagnostic::new(
+                "check::too_large",
+                span,
+                format!("the loss inlines more than {MAX_INLINED_CALLS} calls"),
+            )
+            .label(format!("call of `{name}`"))
+            .note(
+                "calls are inlined, one copy per distinct set of arguments: a chain of losses \
+                 that each call the one before twice doubles the graph at every level",
+            ));
         }
         check_params(def)?;
         let bound = bind_arguments(def, args, span)?;
@@ -560,7 +594,11 @@ fn bind_arguments<'e>(def: &LossDef, args: &'e [Arg], span: Span) -> R<Bound<'e>
                     return Err(Diagnostic::new(
                         "check::too_many_arguments",
                         a.value.span,
-                        format!("`{name}` takes at most {} arguments, but {} were given", nt + nh, args.len()),
+                        format!(
+                            "`{name}` takes at most {} arguments, but {} given",
+                            nt + nh,
+                            builtins::given(args.len())
+                        ),
                     )
                     .label("extra argument")
                     .note(format!("signature: {}", signature(def))));

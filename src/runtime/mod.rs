@@ -129,7 +129,7 @@ fn native_bytes(ext: [usize; 3]) -> f64 {
 /// hold (x of shape [65536, 1, 1] against y of shape [1, 1, 65536] is 2^32 elements), and a
 /// failed allocation aborts the process, the caller's included: a clear error instead.
 /// Where the available memory is unknown (not Linux), nothing is refused here.
-pub(crate) fn ensure_memory(ext: [usize; 3], bytes: f64, what: &str) -> Result<(), Error> {
+pub fn ensure_memory(ext: [usize; 3], bytes: f64, what: &str) -> Result<(), Error> {
     // Below this, not worth reading /proc on every call (small evaluations are microseconds).
     const ALWAYS_FITS: f64 = 256e6;
     if bytes <= ALWAYS_FITS {

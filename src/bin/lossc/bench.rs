@@ -199,6 +199,22 @@ pub struct Row {
 
 /// Times `loss` at `ext` on each thread count. Inputs and the baseline are shared by all.
 fn bench_loss(loss: &Loss, ext: [usize; 3], threads: &[usize], args: &Args) -> Vec<Row> {
+    if let Err(e) = fits(loss, ext, args) {
+        let failed = |&t| Row {
+            shape: ext,
+            threads: t,
+            sweeps: 0,
+            bytes: 0,
+            runs: 0,
+            value: f64::NAN,
+            median_ms: f64::NAN,
+            probe_ms: f64::NAN,
+            sort_ms: None,
+            baseline: None,
+            error: Some(e.to_string().trim().to_string()),
+        };
+        return threads.iter().map(failed).collect();
+    }
     let data = inputs(loss, ext, 7);
     let views: Vec<View> = data.iter().map(|(s, d)| View::new(*s, d)).collect();
     let sweeps = probe::traffic(loss);
@@ -230,6 +246,18 @@ fn bench_loss(loss: &Loss, ext: [usize; 3], threads: &[usize], args: &Args) -> V
             row
         })
         .collect()
+}
+
+/// Refuses a size whose buffers would not fit in memory (an allocation that fails aborts
+/// the process): per element, each input in f64 as drawn and in f32, the gradient, the
+/// sort probe's records and the interpreter's f64 values.
+fn fits(loss: &Loss, ext: [usize; 3], args: &Args) -> Result<(), lossc::Error> {
+    let inputs = loss.inputs().len() as f64;
+    let sort = if lossc::runtime::has_sort(loss) { 32.0 } else { 0.0 };
+    let baseline = if args.no_baseline { 0.0 } else { 64.0 * (inputs + 1.0) };
+    let per_element = 12.0 * inputs + 4.0 + sort + baseline;
+    let elements = ext.iter().map(|&e| e as f64).product::<f64>();
+    lossc::runtime::ensure_memory(ext, per_element * elements, "the benchmark's inputs and buffers")
 }
 
 /// The f64 interpreter's median time and value; `None` if it cannot run the loss.
