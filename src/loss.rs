@@ -328,6 +328,19 @@ impl Loss {
                 }
             }
         }
+        // Inputs broadcast against the largest of them (class weights against scores, a
+        // mask shared by the classes). A broadcast larger than every input is an outer
+        // product, as with logits of shape [N] and targets of shape [N, 1]: refused.
+        if !shapes.is_empty() && !shapes.iter().any(|s| *s == ext) {
+            let each: Vec<String> =
+                self.inputs.iter().zip(shapes).map(|(spec, s)| format!("`{}` {s:?}", spec.name)).collect();
+            return Err(Error::Shape(format!(
+                "the inputs broadcast to {ext:?} ([batch, class, spatial]), larger than each of them ({}): \
+                 one input must have the full shape; give the others the same shape or extents of 1 \
+                 (for example targets of shape [N] for logits of shape [N], not [N, 1])",
+                each.join(", ")
+            )));
+        }
         Ok(ext)
     }
 

@@ -240,6 +240,18 @@ fn shape_broadcast_is_accepted() {
 }
 
 #[test]
+fn shape_outer_product_is_refused() {
+    // Logits [8] against targets [8, 1]: 8 positions against 8 batch items.
+    let (x, y) = (filled([1, 1, 8]), filled([8, 1, 1]));
+    let m = shape_error("bce_logits", &[&x, &y]);
+    assert!(m.contains("[8, 1, 8]") && m.contains("`x` [1, 1, 8]") && m.contains("`y` [8, 1, 1]"), "{m}");
+    assert!(m.contains("one input must have the full shape"), "{m}");
+    // Broadcasting against the largest input stays: scores against a mask shared by the classes.
+    let loss = Loss::compile("mean(x * m)", "").unwrap();
+    assert!(loss.eval(&[&filled([2, 3, 5]), &filled([2, 1, 5])]).is_ok());
+}
+
+#[test]
 fn shape_declared_axes() {
     let (x, y, w) = (filled([2, 3, 5]), filled([2, 3, 5]), filled([2, 3, 5]));
     let m = shape_error("dice_multiclass_weighted", &[&x, &y, &w]);

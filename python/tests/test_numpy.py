@@ -362,12 +362,15 @@ class Errors(unittest.TestCase):
         self.assertTrue(np.isnan(loss(p, y)))
         self.assertEqual(loss.count_nonfinite(p, y), {"p": 2, "y": 0})
 
-    def test_a_broadcast_too_large_for_memory_is_refused(self):
-        # 2^32 broadcast elements: the sort behind Lovász would need hundreds of GB.
+    def test_an_outer_product_broadcast_is_refused(self):
+        # 2^32 broadcast elements from two inputs of 2^16: never what was meant.
         loss = lossc.Loss("lovasz_hinge")
         x, y = logits((1 << 16, 1, 1)), masks((1, 1, 1 << 16))
-        with self.assertRaisesRegex(lossc.ShapeError, "working memory"):
+        with self.assertRaisesRegex(lossc.ShapeError, r"larger than each of them .* must have the full shape"):
             loss(x, y)
+        # Logits [N] against targets [N, 1] (batch N, one position each): PyTorch refuses it too.
+        with self.assertRaisesRegex(lossc.ShapeError, r"broadcast to \[8, 1, 8\]"):
+            lossc.Loss("bce_logits")(logits((8,)), masks((8, 1)))
 
 
 if __name__ == "__main__":

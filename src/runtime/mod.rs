@@ -125,9 +125,9 @@ fn native_bytes(ext: [usize; 3]) -> f64 {
 }
 
 /// Refuses an evaluation whose working memory (`bytes`, an estimate) exceeds the memory
-/// this machine has available. Broadcasting lets small inputs ask for far more than they
-/// hold (x of shape [65536, 1, 1] against y of shape [1, 1, 65536] is 2^32 elements), and a
-/// failed allocation aborts the process, the caller's included: a clear error instead.
+/// this machine has available. The engines' working memory is a multiple of the largest
+/// input (the sort behind Lovász takes some 64 bytes an element), and a failed allocation
+/// aborts the process, the caller's included: a clear error instead.
 /// Where the available memory is unknown (not Linux), nothing is refused here.
 pub fn ensure_memory(ext: [usize; 3], bytes: f64, what: &str) -> Result<(), Error> {
     // Below this, not worth reading /proc on every call (small evaluations are microseconds).
