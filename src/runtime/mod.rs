@@ -327,8 +327,20 @@ fn reference_blocked(loss: &Loss, inputs: &[View], grads: &mut [Option<&mut [f32
 
 #[cfg(test)]
 mod tests {
-    use super::cgroup_headroom;
+    use super::{cgroup_headroom, ensure_memory};
     use std::path::Path;
+
+    /// Where the available memory is known (Linux), working memory beyond it is refused
+    /// with a shape error that says how much was needed; small amounts always pass.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn working_memory_beyond_the_machine_is_refused() {
+        let err = ensure_memory([1 << 20, 1, 1 << 20], 1e16, "the sort").expect_err("10 PB");
+        let message = err.to_string();
+        assert!(matches!(err, crate::Error::Shape(_)), "{message}");
+        assert!(message.contains("10000000.0 GB of working memory for the sort"), "{message}");
+        assert!(ensure_memory([1, 1, 1 << 20], 1e6, "the sort").is_ok());
+    }
 
     fn write(root: &Path, file: &str, text: &str) {
         let path = root.join(file);
