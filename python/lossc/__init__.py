@@ -24,6 +24,20 @@ import numpy as np
 
 from ._capi import Shape, lib
 
+_ndarray = np.ndarray
+_F32 = np.dtype(np.float32)
+_F64 = np.dtype(np.float64)
+_c_char = ctypes.c_char
+_c_double = ctypes.c_double
+_addressof = ctypes.addressof
+_byref = ctypes.byref
+# Bits of `ndarray.flags.num` (NumPy's C API: NPY_ARRAY_C_CONTIGUOUS, NPY_ARRAY_ALIGNED,
+# NPY_ARRAY_WRITEABLE, NPY_ARRAY_WARN_ON_WRITE), one read instead of a flags object per test.
+_C_CONTIGUOUS, _ALIGNED, _WRITEABLE, _WARN_ON_WRITE = 0x1, 0x100, 0x400, 0x80000000
+_READY = _C_CONTIGUOUS | _ALIGNED  # what lossc reads without a copy
+_WRITABLE = _READY | _WRITEABLE  # what ctypes takes a buffer of (`_address`)
+_WRITABLE_MASK = _WRITABLE | _WARN_ON_WRITE
+
 __all__ = [
     "Loss",
     "LosscError",
@@ -138,6 +152,32 @@ def layout(shape):
     return (shape[0], shape[1], math.prod(shape[2:]))
 
 
+# The C shape array for a tuple of array shapes: a pure function of the shapes, built once
+# per distinct tuple (lossc reads it, never writes it: `const lossc_shape *`), so that the
+# calls of a training loop (the same shapes every step) skip `layout` and ctypes'
+# constructors. Bounded; a dict's get, set and clear are atomic, so threads may share it.
+_SHAPE_ARRAYS = {}
+
+
+def _shape_array(shapes):
+    """The `Shape` array (at least one entry) for these shapes (a tuple of shape tuples)."""
+    array = _SHAPE_ARRAYS.get(shapes)
+    if array is None:
+        array = (Shape * max(len(shapes), 1))(*(Shape(*layout(s)) for s in shapes))
+        if len(_SHAPE_ARRAYS) >= 4096:
+            _SHAPE_ARRAYS.clear()
+        _SHAPE_ARRAYS[shapes] = array
+    return array
+
+
+_POINTER_ARRAYS = tuple(ctypes.c_void_p * max(n, 1) for n in range(16))
+
+
+def _pointer_array(n):
+    """The ctypes type of an array of `n` addresses (at least one entry)."""
+    return _POINTER_ARRAYS[n] if n < 16 else ctypes.c_void_p * n
+
+
 def stdlib():
     """The standard library: {name: signature}, e.g. {"dice": "dice(p, y; smooth = 1)", ...}."""
     count = lib.lossc_stdlib_count()
@@ -199,6 +239,7 @@ class Loss:
         self._handle = handle
         self.name = lib.lossc_loss_name(handle).decode()
         self.inputs = tuple(lib.lossc_input_name(handle, i).decode() for i in range(lib.lossc_num_inputs(handle)))
+        self._all_positions = tuple(range(len(self.inputs)))
 
     def __del__(self):
         handle = getattr(self, "_handle", None)
@@ -264,14 +305,14 @@ class Loss:
     def count_nonfinite(self, *arrays):
         """The number of NaN and infinite values in each input as the kernels see it, in
         float32 (a float64 value beyond float32's range counts as infinite): {name: count}."""
-        inputs, shapes, pointers = self._marshal(arrays, np.float32)
+        inputs, shapes, pointers = self._marshal(arrays, _F32)
         counts = (ctypes.c_uint64 * len(inputs))()
         _check(lib.lossc_count_nonfinite(self._handle, pointers, shapes, len(inputs), counts))
         return dict(zip(self.inputs, (int(c) for c in counts)))
 
     def eval_terms(self, *arrays):
         """The value of each term of the top-level sum, and the total: `(total, terms)`."""
-        inputs, shapes, pointers = self._marshal(arrays, np.float32)
+        inputs, shapes, pointers = self._marshal(arrays, _F32)
         n_terms = lib.lossc_num_terms(self._handle)
         terms = (ctypes.c_double * n_terms)()
         total = ctypes.c_double()
@@ -280,54 +321,83 @@ class Loss:
 
     def _positions(self, wrt):
         if wrt is None:
-            return tuple(range(len(self.inputs)))
+            return self._all_positions
         if isinstance(wrt, (str, int)):
             raise TypeError("`wrt` is a sequence of input names or positions, e.g. wrt=['x']")
+        n = len(self.inputs)
         positions = []
         for item in wrt:
-            if isinstance(item, str):
+            if type(item) is int and 0 <= item < n:  # the common case first; not a bool
+                positions.append(item)
+            elif isinstance(item, str):
                 if item not in self.inputs:
                     raise ValueError(f"`{item}` is not an input of {self.name}({', '.join(self.inputs)})")
                 positions.append(self.inputs.index(item))
-            elif isinstance(item, (int, np.integer)) and not isinstance(item, bool) and 0 <= item < len(self.inputs):
+            elif isinstance(item, (int, np.integer)) and not isinstance(item, bool) and 0 <= item < n:
                 positions.append(int(item))
             else:
                 raise ValueError(f"{item!r} names no input of {self.name}({', '.join(self.inputs)})")
-        if len(set(positions)) != len(positions):
+        if len(positions) > 1 and len(set(positions)) != len(positions):
             raise ValueError(f"`wrt` names an input twice: {list(wrt)}")
         return tuple(positions)
 
     def _marshal(self, arrays, dtype):
-        """Contiguous arrays of `dtype`, their shapes and a C array of their pointers."""
-        names = self.inputs + tuple(f"#{i}" for i in range(len(self.inputs), len(arrays)))
-        inputs = []
-        for name, a in zip(names, arrays):
-            if type(a) is not np.ndarray or a.dtype != dtype or not a.flags.c_contiguous or not a.flags.aligned:
-                a = _as_real(name, a)
-                # np.ascontiguousarray makes a 0-d array 1-d: keep the shape, for the gradient's.
-                a = np.ascontiguousarray(a, dtype=dtype).reshape(a.shape)
-                if not a.flags.aligned:
-                    a = a.copy()  # a view at an odd address (`buf[1:].view(np.float32)`)
-            inputs.append(a)
-        shapes = (Shape * max(len(inputs), 1))(*(Shape(*layout(a.shape)) for a in inputs))
-        pointers = (ctypes.c_void_p * max(len(inputs), 1))(*(_address(a) for a in inputs))
+        """Contiguous arrays of `dtype` (a `np.dtype`), their shapes and a C array of their
+        pointers."""
+        inputs = list(arrays)
+        addresses = []
+        for k, a in enumerate(inputs):
+            if type(a) is _ndarray and a.dtype is dtype:
+                flags = a.flags.num
+                if flags & _WRITABLE_MASK == _WRITABLE and a.nbytes:
+                    addresses.append(_addressof(_c_char.from_buffer(a)))  # `_address`, inlined
+                    continue
+                if flags & _READY == _READY:
+                    addresses.append(_address(a))
+                    continue
+            # Another dtype (or a dtype object that is not NumPy's own, `a.dtype is dtype`
+            # being the quick test), a copy to make, or not an ndarray at all.
+            a = inputs[k] = self._converted(k, a, dtype)
+            addresses.append(_address(a))
+        n = len(inputs)
+        shapes = _shape_array(tuple([a.shape for a in inputs]))
+        pointers = _pointer_array(n)(*addresses)
         return inputs, shapes, pointers
 
+    def _converted(self, k, a, dtype):
+        """Input `k` as a contiguous, aligned array of `dtype`."""
+        name = self.inputs[k] if k < len(self.inputs) else f"#{k}"
+        a = _as_real(name, a)
+        # np.ascontiguousarray makes a 0-d array 1-d: keep the shape, for the gradient's.
+        a = np.ascontiguousarray(a, dtype=dtype).reshape(a.shape)
+        if not a.flags.aligned:
+            a = a.copy()  # a view at an odd address (`buf[1:].view(np.float32)`)
+        return a
+
     def _evaluate(self, arrays, wanted, out, reference):
-        dtype = np.float64 if reference else np.float32
+        if reference:
+            dtype, call = _F64, lib.lossc_eval_f64
+        else:
+            dtype, call = _F32, lib.lossc_eval
         inputs, shapes, pointers = self._marshal(arrays, dtype)
-        grads = [None] * len(inputs)
-        for k, i in enumerate(wanted):
-            if i >= len(inputs):
-                break  # lossc reports the missing input
-            grads[i] = self._gradient_buffer(inputs, i, None if out is None else out[k], dtype, grads)
+        n = len(inputs)
         slots = None
+        grads = ()
         if wanted:
-            slots = (ctypes.c_void_p * max(len(inputs), 1))(*(None if g is None else _address(g) for g in grads))
-        value = ctypes.c_double()
-        call = lib.lossc_eval_f64 if reference else lib.lossc_eval
-        _check(call(self._handle, pointers, shapes, len(inputs), ctypes.byref(value), slots))
-        return value.value, tuple(grads[i] for i in wanted)
+            grads = [None] * n
+            for k, i in enumerate(wanted):
+                if i >= n:
+                    break  # lossc reports the missing input
+                if out is None:
+                    grads[i] = np.empty(inputs[i].shape, dtype=dtype)
+                else:
+                    grads[i] = self._gradient_buffer(inputs, i, out[k], dtype, grads)
+            slots = _pointer_array(n)(*[None if g is None else _address(g) for g in grads])
+        value = _c_double()
+        status = call(self._handle, pointers, shapes, n, _byref(value), slots)
+        if status:
+            _check(status)
+        return value.value, tuple([grads[i] for i in wanted])
 
     def _gradient_buffer(self, inputs, i, given, dtype, taken):
         like = inputs[i]
@@ -352,6 +422,10 @@ class Loss:
 
 def _address(array):
     """The address of an array's first element."""
+    if array.flags.num & _WRITABLE_MASK == _WRITABLE and array.nbytes:
+        # A writable contiguous buffer: ctypes takes its address in a third of the time
+        # `__array_interface__` takes to build its dict.
+        return _addressof(_c_char.from_buffer(array))
     return array.__array_interface__["data"][0]
 
 

@@ -8,7 +8,8 @@
 Tensors are laid out as for `lossc.Loss`: `[N, C, *spatial]` (PyTorch's NCHW). The
 forward pass computes the value and, for every input that requires a gradient, that
 gradient, in one call (lossc's fused sweeps); the backward pass only scales them. CPU
-tensors are handed to the kernels without a copy when they are contiguous float32.
+tensors are handed to the kernels without a copy when they are contiguous float32 (by
+their data pointers, without a NumPy array in between).
 CUDA tensors run through `lossc_eval_cuda` (PTX kernels, on PyTorch's current stream;
 Keras on the PyTorch backend takes this path too on a GPU): it has not yet run on one.
 The result is float32 (float64 if an input is float64); half-precision inputs are
@@ -31,9 +32,27 @@ import numpy as np
 import torch
 
 import lossc as _lossc
-from lossc._capi import Shape, lib
+from lossc._capi import lib
 
 __all__ = ["Loss", "evaluate"]
+
+_Tensor = torch.Tensor
+_float32, _float64 = torch.float32, torch.float64
+_cpu = torch.device("cpu")
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+_strided = torch.strided
+_is_grad_enabled = torch.is_grad_enabled
+_scalar_tensor = torch.scalar_tensor
+_from_numpy = torch.from_numpy
+_np_empty = np.empty
+# Tensors whose `data_ptr` is their data, as `.numpy()` would see it: not a subclass
+# that may redefine it (nn.Parameter is a plain tensor).
+_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
+# What tells a tensor batched by vmap: torch.func's, or the older one behind batched
+# gradients (looked up once; a PyTorch without one has no such tensors).
+_functorch = getattr(torch._C, "_functorch", None)
+_is_wrapped = getattr(_functorch, "is_functorch_wrapped_tensor", lambda _: False)
+_is_legacy_batched = getattr(_functorch, "is_legacy_batchedtensor", lambda _: False)
 
 
 def evaluate(loss, *tensors, reference=False):
@@ -45,21 +64,37 @@ def evaluate(loss, *tensors, reference=False):
     if len(tensors) != len(loss.inputs):
         # Here, before autograd: lossc's own message, whatever requires a gradient.
         loss.check_shapes(*(np.shape(t) for t in tensors))
-    tensors = tuple(t if isinstance(t, torch.Tensor) else _as_tensor(t) for t in tensors)
-    if not torch.is_grad_enabled():
+    for t in tensors:
+        if not isinstance(t, _Tensor):
+            tensors = tuple(t if isinstance(t, _Tensor) else _as_tensor(t) for t in tensors)
+            break
+    if not _is_grad_enabled():
         # no_grad / inference: the value only (autograd would still ask for gradients).
         value, _ = _value_and_grad(loss, reference, tensors, ())
         return _result(value, tensors)
     # The gradients autograd will ask for (its `needs_input_grad`), known before the call
     # so that the forward pass computes them.
-    wanted = tuple(i for i, t in enumerate(tensors) if t.requires_grad)
+    wanted = tuple([i for i, t in enumerate(tensors) if t.requires_grad])
     function = _EvaluateTransformed if _transforms_active() else _Evaluate
     return function.apply(loss, reference, wanted, *tensors)[0]
 
 
 def _result(value, tensors):
-    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-    return torch.tensor(value, dtype=dtype, device=tensors[0].device if tensors else None)
+    """The value as a 0-d tensor: float64 if an input is, else float32; on the inputs' device."""
+    dtype = _float32
+    for t in tensors:
+        if t.dtype is _float64:
+            dtype = _float64
+            break
+    device = None
+    if tensors:
+        first = tensors[0]
+        device = _cpu if first.is_cpu else first.device
+    if dtype is _float64 or -_FLOAT32_MAX <= value <= _FLOAT32_MAX:
+        # torch.scalar_tensor rounds the double as torch.tensor does, in half the time;
+        # but it refuses a value beyond float32's range, which torch.tensor makes infinite.
+        return _scalar_tensor(value, dtype=dtype, device=device)
+    return torch.tensor(value, dtype=dtype, device=device)
 
 
 def _as_tensor(value):
@@ -129,15 +164,17 @@ def _backward(ctx, grad_output, *_):
     # applied in place in that precision, before any cast to a half-precision input's
     # dtype. Batched seeds (vmap, is_grads_batched) need a new, batched tensor.
     batched = _is_batched(grad_output)
-    unit = not batched and grad_output.device.type == "cpu" and grad_output.item() == 1.0
-    out = [None] * len(ctx.dtypes)
+    unit = not batched and grad_output.is_cpu and grad_output.item() == 1.0
+    dtypes = ctx.dtypes
+    out = [None] * len(dtypes)
     for i, g in zip(ctx.wanted, grads):
         if batched:
             g = g * grad_output.to(g.dtype)
         elif not unit:
             g = g.mul_(grad_output.to(g.dtype))
-        out[i] = g.to(ctx.dtypes[i])
-    if torch.is_grad_enabled():
+        dtype = dtypes[i]
+        out[i] = g if g.dtype is dtype else g.to(dtype)
+    if _is_grad_enabled():
         # create_graph=True (and every torch.func.grad): the gradients are numbers, not
         # a graph, so a derivative of them (a Hessian, a gradient penalty) would
         # silently be zero. Tied to the inputs, differentiating them raises instead.
@@ -192,10 +229,12 @@ class _EvaluateTransformed(torch.autograd.Function):
         return stacked, (0,) * len(stacked)
 
 
+_transforms_active_check = getattr(torch._C, "_are_functorch_transforms_active", None)
+
+
 def _transforms_active():
     """Whether a `torch.func` transform (grad, vmap, ...) is running."""
-    active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return active is not None and active()
+    return _transforms_active_check is not None and _transforms_active_check()
 
 
 class _FirstOrderOnly(torch.autograd.Function):
@@ -222,14 +261,75 @@ class _FirstOrderOnly(torch.autograd.Function):
 
 def _is_batched(t):
     """Whether `t` is batched by vmap: torch.func's, or the older one behind batched gradients."""
-    functorch = getattr(torch._C, "_functorch", None)
-    checks = ("is_functorch_wrapped_tensor", "is_legacy_batchedtensor")
-    return any(getattr(functorch, name, lambda _: False)(t) for name in checks)
+    return _is_wrapped(t) or _is_legacy_batched(t)
+
+
+_POINTER_ALIGN = {_float32: 3, _float64: 7}  # address bits that must be zero
+_loss_value_and_grad = _lossc.Loss.value_and_grad
+
+
+def _value_and_grad_cpu(loss, reference, tensors, wanted):
+    """`_value_and_grad` where no input needs converting: plain, contiguous CPU tensors of
+    the dtype the kernels read (float32; float64 for `reference`), handed to lossc by
+    their data pointers without NumPy (`Loss.value_and_grad`, inlined). None where any
+    other input makes the general path (and its checks and messages) necessary, or where
+    `value_and_grad` is not lossc's own (a subclass's or an instance's override)."""
+    n = len(tensors)
+    if not n or n != len(loss.inputs):
+        return None  # lossc's count error, after `wanted`'s checks
+    if type(loss).value_and_grad is not _loss_value_and_grad or "value_and_grad" in loss.__dict__:
+        return None
+    dtype = _float64 if reference else _float32
+    mask = _POINTER_ALIGN[dtype]
+    pointers = []
+    for t in tensors:
+        if (
+            type(t) not in _PLAIN
+            or t.dtype is not dtype
+            or not t.is_cpu
+            or t.layout is not _strided
+            or not t.is_contiguous()
+            or t.is_neg()
+            or _is_wrapped(t)
+            or _is_legacy_batched(t)
+        ):
+            return None
+        p = t.data_ptr()
+        if not p or p & mask:
+            return None  # empty (no storage) or misaligned: NumPy's path copies it
+        pointers.append(p)
+    grads = []
+    slots = None
+    if wanted:
+        np_dtype = np.float64 if reference else np.float32
+        addresses = [None] * n
+        for i in wanted:
+            if type(i) is not int or not 0 <= i < n or addresses[i] is not None:
+                return None  # `Loss.value_and_grad` refuses it with its message
+            # NumPy's buffers, not torch.empty's: NumPy advises huge pages for arrays of
+            # 4 MB or more, which makes the first touch of a fresh gradient several times
+            # cheaper.
+            g = _from_numpy(_np_empty(tensors[i].shape, np_dtype))
+            address = addresses[i] = g.data_ptr()
+            if not address:
+                return None  # no elements: NumPy's path gives lossc the address it has
+            grads.append(g)
+        slots = _lossc._pointer_array(n)(*addresses)
+    shapes = _lossc._shape_array(tuple([t.shape for t in tensors]))
+    value = ctypes.c_double()
+    call = lib.lossc_eval_f64 if reference else lib.lossc_eval
+    status = call(loss._handle, _lossc._pointer_array(n)(*pointers), shapes, n, ctypes.byref(value), slots)
+    if status:
+        _lossc._check(status)
+    return value.value, grads
 
 
 def _value_and_grad(loss, reference, tensors, wanted):
     """The value (a float) and the gradients of the inputs in `wanted`, each a fresh tensor
     shaped like its input, on its device, in float32 (float64 for `reference`)."""
+    fast = _value_and_grad_cpu(loss, reference, tensors, wanted)
+    if fast is not None:
+        return fast
     devices = {t.device for t in tensors}
     if len(devices) > 1:
         raise ValueError(f"the inputs of {loss.name} are on different devices: {sorted(map(str, devices))}")
@@ -264,12 +364,12 @@ def _evaluate_cuda(loss, tensors, wanted):
     inputs = [t.detach().to(torch.float32).contiguous() for t in tensors]
     grads = [torch.empty_like(inputs[i]) for i in wanted]
     n = len(inputs)
-    shapes = (Shape * max(n, 1))(*(Shape(*_lossc.layout(t.shape)) for t in inputs))
-    pointers = (ctypes.c_void_p * max(n, 1))(*(t.data_ptr() for t in inputs))
+    shapes = _lossc._shape_array(tuple([t.shape for t in inputs]))
+    pointers = _lossc._pointer_array(n)(*[t.data_ptr() for t in inputs])
     slots = None
     if wanted:
         by_input = dict(zip(wanted, grads))
-        slots = (ctypes.c_void_p * max(n, 1))(*(by_input[i].data_ptr() if i in by_input else None for i in range(n)))
+        slots = _lossc._pointer_array(n)(*[by_input[i].data_ptr() if i in by_input else None for i in range(n)])
     stream = torch.cuda.current_stream(inputs[0].device).cuda_stream if inputs else None
     value = ctypes.c_double()
     with torch.cuda.device(inputs[0].device if inputs else None):

@@ -249,6 +249,56 @@ class Interface(unittest.TestCase):
         with self.assertRaisesRegex(ValueError, "not aligned"):
             loss.value_and_grad(x, y, wrt=["x"], out=[odd])
 
+    def test_inputs_read_in_place_or_through_a_copy_agree_bitwise(self):
+        # The quick path (float32, contiguous, writable: the address from ctypes) and
+        # every other (read-only, a broadcast view NumPy warns about writing, a subclass,
+        # another byte order, Fortran order, another dtype) give the same bits.
+        import warnings
+
+        loss = lossc.Loss("0.5*dice(sigmoid(x), y) + bce_logits(x, y)")
+        x, y = logits((2, 1, 5, 6)).astype(np.float32), masks((2, 1, 5, 6)).astype(np.float32)
+        value, (dx, dy) = loss.value_and_grad(x, y)
+        read_only = x.copy()
+        read_only.flags.writeable = False
+        row = np.broadcast_arrays(y[0, 0, 0], np.zeros((1, 1, 1, 6), np.float32))[0]  # warns on write
+        self.assertTrue(row.flags.c_contiguous and row.flags.writeable)
+        with tempfile.TemporaryDirectory() as d:
+            mapped = np.memmap(Path(d) / "x", dtype=np.float32, mode="w+", shape=x.shape)
+            mapped[...] = x
+            variants = [
+                (read_only, y),
+                (mapped, y),
+                (x.astype(">f4"), y),
+                (np.asfortranarray(x), y),
+                (x.astype(np.float64).astype(np.float32), y.astype(np.int64)),
+            ]
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                for a, b in variants:
+                    v, (ga, gb) = loss.value_and_grad(a, b)
+                    self.assertEqual(v, value)
+                    self.assertTrue(np.array_equal(ga, dx) and np.array_equal(gb, dy))
+                    self.assertEqual(loss(a, b), value)
+                first = loss(x[:1, :, :1], row)
+            del mapped
+        self.assertEqual(first, loss(x[:1, :, :1], row.copy()))
+        # Positions by every spelling; a bool or a float is no position.
+        for wrt in [(0,), [0], (np.int64(0),), ("x",), np.array([0])]:
+            v, (g,) = loss.value_and_grad(x, y, wrt=wrt)
+            self.assertTrue(np.array_equal(g, dx))
+        for wrt in [(True,), (1.0,), (-1,), (2,)]:
+            with self.assertRaisesRegex(ValueError, "names no input"):
+                loss.value_and_grad(x, y, wrt=wrt)
+        # Shapes: the C array for each tuple of shapes is built once, and stays right as
+        # they change.
+        for shape in [(3,), (), (1, 4), (2, 1, 3, 2), (2, 1, 5, 6)]:
+            a, b = logits(shape).astype(np.float32), masks(shape).astype(np.float32)
+            self.assertEqual(loss(a, b), loss(a.astype(np.float64), b.astype(np.float64)))
+            self.assertEqual(loss.value_and_grad(a, b, wrt=[0])[1][0].shape, a.shape)
+        self.assertIs(lossc._shape_array((x.shape, y.shape)), lossc._shape_array((x.shape, y.shape)))
+        with self.assertRaisesRegex(lossc.ShapeError, "along batch"):
+            loss(x, y[:1].repeat(3, axis=0))
+
     def test_threads_share_one_loss_and_agree_bitwise(self):
         loss = lossc.Loss("0.5*dice(sigmoid(x), y) + bce_logits(x, y)")
         x, y = logits((2, 1, 300, 301)).astype(np.float32), masks((2, 1, 300, 301))

@@ -175,6 +175,72 @@ class Behaviour(unittest.TestCase):
         lossc.torch.evaluate(loss, p, torch.rand(1, 1, 8))
         self.assertEqual(asked, [(), (0,)])
 
+    def test_plain_cpu_tensors_reach_lossc_by_their_addresses(self):
+        # Contiguous float32 (float64 for reference=True) CPU tensors go to the kernels by
+        # their data pointers, without NumPy: the same bits as through the NumPy layer,
+        # and gradients only where autograd will ask for them.
+        loss = lossc.Loss("0.5*dice(sigmoid(x), y) + bce_logits(x, y)")
+        x, y = inputs((2, 1, 5, 6))
+        value, (dx, dy) = loss.value_and_grad(x.numpy(), y.numpy())
+        lib = lossc._capi.lib
+        real, seen = lib.lossc_eval, []
+
+        def spy(handle, pointers, shapes, n, out, slots):
+            asked = None if slots is None else [slots[i] is not None for i in range(n)]
+            seen.append(([pointers[i] for i in range(n)], asked))
+            return real(handle, pointers, shapes, n, out, slots)
+
+        lib.lossc_eval = spy
+        try:
+            x1, y1 = x.clone().requires_grad_(), y.clone().requires_grad_()
+            result = lossc.torch.evaluate(loss, x1, y1)
+            result.backward()
+            with torch.no_grad():
+                lossc.torch.evaluate(loss, x1, y1)
+            lossc.torch.evaluate(loss, x1, y)
+        finally:
+            lib.lossc_eval = real
+        addresses = [x1.data_ptr(), y1.data_ptr()]
+        third = [x1.data_ptr(), y.data_ptr()]
+        self.assertEqual(seen, [(addresses, [True, True]), (addresses, None), (third, [True, False])])
+        self.assertEqual((result.dtype, result.shape, result.device.type), (torch.float32, (), "cpu"))
+        self.assertEqual(result.item(), float(np.float32(value)))
+        self.assertTrue(torch.equal(x1.grad, torch.from_numpy(dx)) and torch.equal(y1.grad, torch.from_numpy(dy)))
+        # Others take the general path, to the same bits: a parameter, other dtypes, a view.
+        x2 = torch.nn.Parameter(x.clone())
+        lossc.torch.evaluate(loss, x2, y.double()).backward()
+        self.assertTrue(torch.equal(x2.grad, x1.grad))
+        x3 = x.permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2).requires_grad_()
+        lossc.torch.evaluate(loss, x3, y.bool()).backward()
+        self.assertTrue(torch.equal(x3.grad, x1.grad))
+        # The reference evaluator, on float64 tensors.
+        xd, yd = x.double().requires_grad_(), y.double()
+        value64, (dx64,) = loss.value_and_grad(xd.detach().numpy(), yd.numpy(), wrt=[0], reference=True)
+        result = lossc.torch.evaluate(loss, xd, yd, reference=True)
+        result.backward()
+        self.assertEqual(result.item(), value64)
+        self.assertTrue(torch.equal(xd.grad, torch.from_numpy(dx64)))
+        # A value beyond float32's range is infinite in a float32 result, as torch.tensor
+        # rounds it (torch.scalar_tensor, the quick way, would refuse it).
+        big = lossc.torch.Loss("sum(x) * sum(x)")(torch.full((1, 1, 4), 1e30, requires_grad=True))
+        self.assertEqual((big.item(), big.dtype), (float("inf"), torch.float32))
+        # 0-d inputs keep 0-d gradients; empty ones get lossc's message.
+        x0 = torch.tensor(0.3, requires_grad=True)
+        lossc.torch.Loss("bce_logits")(x0, torch.tensor(1.0)).backward()
+        self.assertEqual(x0.grad.shape, ())
+        with self.assertRaisesRegex(lossc.ShapeError, "is empty"):
+            lossc.torch.Loss("dice")(torch.rand(0, 1, 4, requires_grad=True), torch.rand(0, 1, 4))
+
+        # A loss whose value_and_grad is overridden is called through it.
+        class Logged(lossc.Loss):
+            def value_and_grad(self, *arrays, **options):
+                asked.append(options["wrt"])
+                return super().value_and_grad(*arrays, **options)
+
+        asked = []
+        lossc.torch.evaluate(Logged("dice"), torch.rand(1, 1, 8, requires_grad=True), torch.rand(1, 1, 8)).backward()
+        self.assertEqual(asked, [(0,)])
+
     def test_a_model_learns_and_the_module_saves(self):
         torch.manual_seed(0)
         images = torch.randn(16, 3, 24, 24)
