@@ -14,6 +14,9 @@ Arrays follow the `lossc eval` convention for `.npy` files: an array of shape
 `[N, C, *spatial]` is `batch = N`, `class = C`, `spatial = prod(spatial)`; `[N, C]` has
 one position; a 0-d or 1-d array of n values is `[1, 1, n]`. An extent of 1 broadcasts,
 so class weights for `[N, C, H, W]` inputs are given as shape `[1, C]` (or `[1, C, 1]`).
+Two arrays of the same rank must agree on their dimensions after the class axis where
+they hold the same number of positions: `[2, 3, 4, 5]` against `[2, 3, 5, 4]` (a
+transposed target) is a `ShapeError`, not a silent pairing of other positions.
 """
 
 import ctypes
@@ -159,10 +162,30 @@ def layout(shape):
 _SHAPE_ARRAYS = {}
 
 
+def _same_layout(shapes):
+    """Raises `ShapeError` where two arrays of the same rank lay the same number of
+    positions out differently (`[2, 3, 4, 5]` against `[2, 3, 5, 4]`, a transposed
+    target): flattened to `(batch, class, spatial)` they would pass as the same shape."""
+    seen = {}
+    for k, shape in enumerate(shapes):
+        shape = tuple(int(d) for d in shape)
+        if len(shape) < 3 or math.prod(shape[2:]) <= 1:
+            continue
+        key = (len(shape), math.prod(shape[2:]))
+        first = seen.setdefault(key, (k, shape))
+        if first[1][2:] != shape[2:]:
+            raise ShapeError(
+                f"inputs {first[0] + 1} and {k + 1} have shapes {list(first[1])} and {list(shape)}: the same "
+                f"number of positions laid out differently (lossc flattens the dimensions after the "
+                f"class axis, so these would be paired position by position); give them the same shape"
+            )
+
+
 def _shape_array(shapes):
     """The `Shape` array (at least one entry) for these shapes (a tuple of shape tuples)."""
     array = _SHAPE_ARRAYS.get(shapes)
     if array is None:
+        _same_layout(shapes)
         array = (Shape * max(len(shapes), 1))(*(Shape(*layout(s)) for s in shapes))
         if len(_SHAPE_ARRAYS) >= 4096:
             _SHAPE_ARRAYS.clear()
@@ -265,6 +288,7 @@ class Loss:
         n = len(shapes)
         array = (Shape * max(n, 1))(*(Shape(*layout(s)) for s in shapes))
         _check(lib.lossc_check_shapes(self._handle, array, n))
+        _same_layout(shapes)
 
     def show(self):
         """The canonical printed form of the loss (stable text, for snapshot tests)."""

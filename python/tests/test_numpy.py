@@ -412,6 +412,18 @@ class Errors(unittest.TestCase):
         self.assertTrue(np.isnan(loss(p, y)))
         self.assertEqual(loss.count_nonfinite(p, y), {"p": 2, "y": 0})
 
+    def test_a_target_laid_out_differently_is_refused(self):
+        # [2, 3, 4, 5] and [2, 3, 5, 4] are both (2, 3, 20) flattened: a transposed target.
+        loss = lossc.Loss("dice")
+        p, y = probabilities((2, 3, 4, 5)), masks((2, 3, 5, 4))
+        for call in (lambda: loss(p, y), lambda: loss.value_and_grad(p, y), lambda: loss.check_shapes(p.shape, y.shape)):
+            with self.assertRaisesRegex(lossc.ShapeError, r"\[2, 3, 4, 5\] and \[2, 3, 5, 4\].*laid out differently"):
+                call()
+        # Flattened against unflattened, or one position broadcast, is the same layout.
+        flat = np.ascontiguousarray(y.transpose(0, 1, 3, 2)).reshape(2, 3, 20)
+        self.assertAlmostEqual(loss(p, flat), loss(p, flat.reshape(2, 3, 4, 5)), places=6)
+        self.assertTrue(np.isfinite(loss(p, masks((2, 3, 1, 1)))))
+
     def test_an_outer_product_broadcast_is_refused(self):
         # 2^32 broadcast elements from two inputs of 2^16: never what was meant.
         loss = lossc.Loss("lovasz_hinge")
