@@ -329,9 +329,12 @@ impl Loss {
             }
         }
         // Inputs broadcast against the largest of them (class weights against scores, a
-        // mask shared by the classes). A broadcast larger than every input is an outer
-        // product, as with logits of shape [N] and targets of shape [N, 1]: refused.
-        if !shapes.is_empty() && !shapes.iter().any(|s| *s == ext) {
+        // mask shared by the classes). A broadcast larger than every input, each within
+        // the axes it may vary over, is an outer product, as with logits of shape [N] and
+        // targets of shape [N, 1]: refused. (Inputs that declare fewer axes, `t[batch,
+        // spatial]` with `w[class]`, fill the broadcast between them.)
+        let full = |(spec, s): (&InputSpec, &[usize; 3])| *s == expected_shape(ext, spec.axes);
+        if !shapes.is_empty() && !self.inputs.iter().zip(shapes).any(full) {
             let each: Vec<String> =
                 self.inputs.iter().zip(shapes).map(|(spec, s)| format!("`{}` {s:?}", spec.name)).collect();
             return Err(Error::Shape(format!(

@@ -249,6 +249,12 @@ fn shape_outer_product_is_refused() {
     // Broadcasting against the largest input stays: scores against a mask shared by the classes.
     let loss = Loss::compile("mean(x * m)", "").unwrap();
     assert!(loss.eval(&[&filled([2, 3, 5]), &filled([2, 1, 5])]).is_ok());
+    // So do inputs whose declared axes split the broadcast between them.
+    let loss = Loss::compile("loss g(t[batch, spatial], w[class]) = sum(onehot(t) * w) / sum(onehot(t));", "").unwrap();
+    let t = Tensor::new([1, 1, 5], vec![0.0, 1.0, 2.0, 1.0, 0.0]);
+    assert!(loss.eval(&[&t, &filled([1, 3, 1])]).is_ok());
+    let loss = Loss::compile("loss f(x[batch, spatial], w[class]) = mean(x * w);", "").unwrap();
+    assert!(loss.eval(&[&filled([2, 1, 5]), &filled([1, 3, 1])]).is_ok());
 }
 
 #[test]

@@ -59,7 +59,7 @@ def evaluate(loss, *tensors, reference=False):
     """The loss (a `lossc.Loss`) on tensors, as a 0-d tensor that autograd can differentiate."""
     if not isinstance(loss, _lossc.Loss):
         raise TypeError(f"`loss` is a lossc.Loss, not {type(loss).__name__}")
-    if _value_and_grad_op is not None and _compiling():
+    if _value_and_grad_op is not None and _compiling() and not _overridden(loss):
         return _evaluate_compiled(loss, reference, tensors)
     if len(tensors) != len(loss.inputs):
         # Here, before autograd: lossc's own message, whatever requires a gradient.
@@ -268,6 +268,14 @@ _POINTER_ALIGN = {_float32: 3, _float64: 7}  # address bits that must be zero
 _loss_value_and_grad = _lossc.Loss.value_and_grad
 
 
+def _overridden(loss):
+    """Whether `loss.value_and_grad` is not lossc's own (a subclass's or an instance's
+    override), which must then be called: the quick path and the compiled operator (which
+    rebuilds the loss from its text) would bypass it. Under torch.compile such a loss
+    breaks the graph and runs eagerly."""
+    return type(loss).value_and_grad is not _loss_value_and_grad or "value_and_grad" in loss.__dict__
+
+
 def _value_and_grad_cpu(loss, reference, tensors, wanted):
     """`_value_and_grad` where no input needs converting: plain, contiguous CPU tensors of
     the dtype the kernels read (float32; float64 for `reference`), handed to lossc by
@@ -277,7 +285,7 @@ def _value_and_grad_cpu(loss, reference, tensors, wanted):
     n = len(tensors)
     if not n or n != len(loss.inputs):
         return None  # lossc's count error, after `wanted`'s checks
-    if type(loss).value_and_grad is not _loss_value_and_grad or "value_and_grad" in loss.__dict__:
+    if _overridden(loss):
         return None
     dtype = _float64 if reference else _float32
     mask = _POINTER_ALIGN[dtype]

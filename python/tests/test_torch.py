@@ -184,13 +184,20 @@ class Behaviour(unittest.TestCase):
         value, (dx, dy) = loss.value_and_grad(x.numpy(), y.numpy())
         lib = lossc._capi.lib
         real, seen = lib.lossc_eval, []
+        # The NumPy layer's marshalling, counted: the quick path never takes it.
+        marshal, marshalled = lossc.Loss._marshal, []
 
         def spy(handle, pointers, shapes, n, out, slots):
             asked = None if slots is None else [slots[i] is not None for i in range(n)]
             seen.append(([pointers[i] for i in range(n)], asked))
             return real(handle, pointers, shapes, n, out, slots)
 
+        def counted(self, *args, **kwargs):
+            marshalled.append(1)
+            return marshal(self, *args, **kwargs)
+
         lib.lossc_eval = spy
+        lossc.Loss._marshal = counted
         try:
             x1, y1 = x.clone().requires_grad_(), y.clone().requires_grad_()
             result = lossc.torch.evaluate(loss, x1, y1)
@@ -200,6 +207,8 @@ class Behaviour(unittest.TestCase):
             lossc.torch.evaluate(loss, x1, y)
         finally:
             lib.lossc_eval = real
+            lossc.Loss._marshal = marshal
+        self.assertEqual(marshalled, [], "plain float32 tensors skip the NumPy layer")
         addresses = [x1.data_ptr(), y1.data_ptr()]
         third = [x1.data_ptr(), y.data_ptr()]
         self.assertEqual(seen, [(addresses, [True, True]), (addresses, None), (third, [True, False])])
@@ -208,7 +217,12 @@ class Behaviour(unittest.TestCase):
         self.assertTrue(torch.equal(x1.grad, torch.from_numpy(dx)) and torch.equal(y1.grad, torch.from_numpy(dy)))
         # Others take the general path, to the same bits: a parameter, other dtypes, a view.
         x2 = torch.nn.Parameter(x.clone())
-        lossc.torch.evaluate(loss, x2, y.double()).backward()
+        lossc.Loss._marshal = counted
+        try:
+            lossc.torch.evaluate(loss, x2, y.double()).backward()
+        finally:
+            lossc.Loss._marshal = marshal
+        self.assertEqual(len(marshalled), 1, "a float64 input takes the NumPy layer")
         self.assertTrue(torch.equal(x2.grad, x1.grad))
         x3 = x.permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2).requires_grad_()
         lossc.torch.evaluate(loss, x3, y.bool()).backward()
@@ -340,6 +354,23 @@ class UnderTorchCompile(unittest.TestCase):
     def assertClose(self, mine, theirs, tolerance):
         scale = max(theirs.abs().max().item(), 1e-30)
         self.assertLess((mine.double() - theirs.double()).abs().max().item(), tolerance * scale)
+
+    def test_an_overridden_value_and_grad_is_still_called(self):
+        # The operator rebuilds the loss from its text, which would bypass an override:
+        # such a loss breaks the graph instead and runs eagerly, through the override.
+        class Logged(lossc.Loss):
+            def value_and_grad(self, *arrays, **options):
+                asked.append(options["wrt"])
+                return super().value_and_grad(*arrays, **options)
+
+        asked = []
+        criterion = lossc.torch.Loss(Logged("dice(sigmoid(x), y)"))
+        x, y = inputs((2, 1, 5, 6))
+        x.requires_grad_()
+        compiled = torch.compile(lambda x, y: criterion(x, y), backend="eager")
+        compiled(x, y).backward()
+        self.assertEqual(asked, [(0,)])
+        self.assertEqual(x.grad.shape, x.shape)
 
     def test_one_graph_with_the_values_and_gradients_of_eager(self):
         torch.manual_seed(5)

@@ -231,7 +231,8 @@ struct Lowerer<'a> {
     /// Inlined calls by loss, arguments and sort scope: the same call is one subgraph,
     /// and repeated calls cost nothing (no blow-up for `f(x) + f(x)` chains).
     inlined: HashMap<(String, Vec<NodeId>, Option<NodeId>), NodeId>,
-    /// Calls inlined so far, against [`MAX_INLINED_CALLS`].
+    /// Distinct calls inlined so far (not those `inlined` already held), against
+    /// [`MAX_INLINED_CALLS`].
     calls: usize,
 }
 
@@ -245,7 +246,7 @@ impl Lowerer<'_> {
     }
 
     fn build(&mut self, op: Op, args: &[NodeId], span: Span) -> R<NodeId> {
-        if self.g.len() >= MAX_GRAPH_NODES {
+        if self.g.len() > MAX_GRAPH_NODES {
             return Err(Diagnostic::new(
                 "check::too_large",
                 span,
@@ -383,19 +384,6 @@ impl Lowerer<'_> {
                 .label("recursive call")
                 .note("losses are inlined, so they cannot be recursive"));
         }
-        self.calls += 1;
-        if self.calls > MAX_INLINED_CALLS {
-            return Err(Diagnostic::new(
-                "check::too_large",
-                span,
-                format!("the loss inlines more than {MAX_INLINED_CALLS} calls"),
-            )
-            .label(format!("call of `{name}`"))
-            .note(
-                "calls are inlined, one copy per distinct set of arguments: a chain of losses \
-                 that each call the one before twice doubles the graph at every level",
-            ));
-        }
         check_params(def)?;
         let bound = bind_arguments(def, args, span)?;
         let mut callee = Scope { vars: HashMap::new(), sorted: scope.sorted };
@@ -450,6 +438,19 @@ impl Lowerer<'_> {
         let key = (name.clone(), key, scope.sorted);
         if let Some(&done) = self.inlined.get(&key) {
             return Ok(done);
+        }
+        self.calls += 1;
+        if self.calls > MAX_INLINED_CALLS {
+            return Err(Diagnostic::new(
+                "check::too_large",
+                span,
+                format!("the loss inlines more than {MAX_INLINED_CALLS} calls"),
+            )
+            .label(format!("call of `{name}`"))
+            .note(
+                "calls are inlined, one copy per distinct set of arguments: a chain of losses \
+                 that each call the one before twice doubles the graph at every level",
+            ));
         }
         self.stack.push(name.clone());
         let result = self.in_callee(name, span, |lw| lw.block(&def.body, &callee));

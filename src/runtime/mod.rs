@@ -141,9 +141,9 @@ pub fn ensure_memory(ext: [usize; 3], bytes: f64, what: &str) -> Result<(), Erro
     }
     let gb = |b: f64| b / 1e9;
     Err(Error::Shape(format!(
-        "the broadcast shape {ext:?} ({} elements) needs about {:.1} GB of working memory for {what}, \
+        "[batch, class, spatial] = {ext:?} ({:.0} elements) needs about {:.1} GB of working memory for {what}, \
          more than the {:.1} GB this machine has available",
-        ext.iter().product::<usize>(),
+        ext.iter().map(|&e| e as f64).product::<f64>(),
         gb(bytes),
         gb(available as f64)
     )))

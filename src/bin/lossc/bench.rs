@@ -94,7 +94,13 @@ pub fn parse_size(text: &str) -> Result<Size, String> {
     let parts: Vec<&str> = text.split(['x', 'X']).collect();
     match parts.as_slice() {
         [n] => Ok(Size::Count(count(n)?)),
-        [b, c, s] => Ok(Size::Shape([count(b)?, count(c)?, count(s)?])),
+        [b, c, s] => {
+            let shape = [count(b)?, count(c)?, count(s)?];
+            match shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) {
+                Some(_) => Ok(Size::Shape(shape)),
+                None => Err(format!("error: bad size `{text}`: more elements than 64-bit indexing reaches\n")),
+            }
+        }
         _ => Err(format!("error: bad size `{text}`: a shape has three extents, BxCxS\n")),
     }
 }
