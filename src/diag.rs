@@ -56,11 +56,22 @@ pub struct Diagnostic {
     pub label: String,
     pub notes: Vec<String>,
     pub help: Option<String>,
+    /// The call the error was found inside, labelled where it is in the same file (a
+    /// user's loss calling another of their own).
+    pub calls: Vec<(Span, String)>,
 }
 
 impl Diagnostic {
     pub fn new(code: &'static str, span: Span, message: impl Into<String>) -> Self {
-        Diagnostic { code, message: message.into(), span, label: String::new(), notes: vec![], help: None }
+        Diagnostic {
+            code,
+            message: message.into(),
+            span,
+            label: String::new(),
+            notes: vec![],
+            help: None,
+            calls: vec![],
+        }
     }
     pub fn label(mut self, label: impl Into<String>) -> Self {
         self.label = label.into();
@@ -134,6 +145,11 @@ impl Diagnostics {
                 .with_code(d.code)
                 .with_message(&d.message)
                 .with_label(Label::new((name.clone(), start..end)).with_message(&d.label));
+            for (call, label) in d.calls.iter().filter(|(call, _)| call.file == d.span.file) {
+                let start = call.start.min(text_len);
+                report = report
+                    .with_label(Label::new((name.clone(), start..call.end.clamp(start, text_len))).with_message(label));
+            }
             for n in &d.notes {
                 report = report.with_note(n);
             }

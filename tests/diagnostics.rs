@@ -93,6 +93,7 @@ mod cases {
     case!(mutually_recursive_call, "loss g(p) = sum(p) + h(p);\nloss h(p) = g(p);\nloss f(p) = h(p);", "check::recursive_call", "1:22");
     case!(non_constant_default, "loss f(p; a = sum(p)) = a * sum(p)", "check::default_not_constant", "1:15");
     case!(calls_double_per_level, "loss f0(x) = x;\nloss f1(x) = f0(x) + f0(x * 2);\nloss f2(x) = f1(x) + f1(x * 3);\nloss f3(x) = f2(x) + f2(x * 4);\nloss f4(x) = f3(x) + f3(x * 5);\nloss f5(x) = f4(x) + f4(x * 6);\nloss f6(x) = f5(x) + f5(x * 7);\nloss f7(x) = f6(x) + f6(x * 8);\nloss f8(x) = f7(x) + f7(x * 9);\nloss f9(x) = f8(x) + f8(x * 10);\nloss f10(x) = f9(x) + f9(x * 11);\nloss f11(x) = f10(x) + f10(x * 12);\nloss f12(x) = f11(x) + f11(x * 13);\nloss f13(x) = f12(x) + f12(x * 14);\nloss f14(x) = f13(x) + f13(x * 15);\nloss f15(x) = f14(x) + f14(x * 16);\nloss f16(x) = f15(x) + f15(x * 17);\nloss main(x) = mean(f16(x));", "check::too_large", "4:22");
+    case!(error_in_own_callee, "loss f(a, b) = mean(softmax(a) * b);\nloss g(x[batch, spatial], y) = f(x, y);", "shape::missing_class_axis", "1:29");
     case!(non_finite_default, "loss f(p; a = 1, b = a / 0) = b * sum(p)", "check::default_not_finite", "1:22");
     case!(default_refers_to_later, "loss f(p; a = b, b = 1) = a * sum(p)", "check::unknown_name", "1:15");
     case!(hyperparameter_not_scalar, "dice(p, y, smooth = p)", "check::hyperparameter_not_scalar", "1:21");

@@ -490,8 +490,14 @@ impl Lowerer<'_> {
     /// Runs `f` for the body of callee `name`; an error inside another file is
     /// reported at the call site, with the original message.
     fn in_callee(&mut self, name: &str, call: Span, f: impl FnOnce(&mut Self) -> R<NodeId>) -> R<NodeId> {
-        f(self).map_err(|d| {
+        f(self).map_err(|mut d| {
             if d.span.file == call.file {
+                // The user's own callee: the error stays where it is, and the call that led
+                // there is labelled too (the shapes and axes it passed caused it); only
+                // the innermost, which a chain of calls would otherwise repeat per level.
+                if d.calls.is_empty() {
+                    d.calls.push((call, format!("in this call of `{name}`")));
+                }
                 return d;
             }
             let mut out = Diagnostic::new(d.code, call, d.message.clone())
