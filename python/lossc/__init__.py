@@ -285,10 +285,8 @@ class Loss:
     def check_shapes(self, *shapes):
         """Raises `ShapeError` (with `lossc_eval`'s message) unless arrays of these shapes,
         in the inputs' order, are valid inputs; reads no data."""
-        n = len(shapes)
-        array = (Shape * max(n, 1))(*(Shape(*layout(s)) for s in shapes))
-        _check(lib.lossc_check_shapes(self._handle, array, n))
-        _same_layout(shapes)
+        shapes = tuple(tuple(int(d) for d in s) for s in shapes)
+        _check(lib.lossc_check_shapes(self._handle, _shape_array(shapes), len(shapes)))
 
     def show(self):
         """The canonical printed form of the loss (stable text, for snapshot tests)."""

@@ -203,12 +203,12 @@ pub struct Row {
     pub error: Option<String>,
 }
 
-/// Times `loss` at `ext` on each thread count. Inputs and the baseline are shared by all.
-fn bench_loss(loss: &Loss, ext: [usize; 3], threads: &[usize], args: &Args) -> Vec<Row> {
-    if let Err(e) = fits(loss, ext, args) {
-        let failed = |&t| Row {
-            shape: ext,
-            threads: t,
+impl Row {
+    /// A row at `shape` with nothing measured yet.
+    fn new(shape: [usize; 3]) -> Row {
+        Row {
+            shape,
+            threads: 0,
             sweeps: 0,
             bytes: 0,
             runs: 0,
@@ -217,27 +217,22 @@ fn bench_loss(loss: &Loss, ext: [usize; 3], threads: &[usize], args: &Args) -> V
             probe_ms: f64::NAN,
             sort_ms: None,
             baseline: None,
-            error: Some(e.to_string().trim().to_string()),
-        };
-        return threads.iter().map(failed).collect();
+            error: None,
+        }
+    }
+}
+
+/// Times `loss` at `ext` on each thread count. Inputs and the baseline are shared by all.
+fn bench_loss(loss: &Loss, ext: [usize; 3], threads: &[usize], args: &Args) -> Vec<Row> {
+    if let Err(e) = fits(loss, ext, args) {
+        let error = Some(e.to_string().trim().to_string());
+        return threads.iter().map(|&t| Row { threads: t, error: error.clone(), ..Row::new(ext) }).collect();
     }
     let data = inputs(loss, ext, 7);
     let views: Vec<View> = data.iter().map(|(s, d)| View::new(*s, d)).collect();
     let sweeps = probe::traffic(loss);
     let lens: Vec<usize> = data.iter().map(|(_, d)| d.len()).collect();
-    let base = Row {
-        shape: ext,
-        threads: 0,
-        sweeps: sweeps.len(),
-        bytes: probe::bytes(&sweeps, &lens),
-        runs: args.runs,
-        value: f64::NAN,
-        median_ms: f64::NAN,
-        probe_ms: f64::NAN,
-        sort_ms: None,
-        baseline: None,
-        error: None,
-    };
+    let base = Row { sweeps: sweeps.len(), bytes: probe::bytes(&sweeps, &lens), runs: args.runs, ..Row::new(ext) };
     // Allocated once and written now: no timed run pays its page faults.
     let mut grad = vec![1.0f32; lens[0]];
     let baseline = if args.no_baseline { None } else { baseline(loss, &views, &mut grad, args.baseline_runs) };
