@@ -877,9 +877,10 @@ pub unsafe extern "C" fn lossc_eval_terms(
         let terms = &loss.terms().losses;
         if n_terms != terms.len() {
             return Err(Failure::invalid(format!(
-                "`{}` has {} terms, but `n_terms` is {n_terms}",
+                "`{}` has {} term{}, but `n_terms` is {n_terms}",
                 loss.loss.name(),
-                terms.len()
+                terms.len(),
+                if terms.len() == 1 { "" } else { "s" }
             )));
         }
         let arrays = unsafe { read_inputs(&loss.loss, inputs, shapes, n_inputs) }?;

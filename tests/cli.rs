@@ -248,6 +248,8 @@ fn eval_refuses_damaged_files_and_risky_requests() {
     assert!(stderr(&o).contains("8 bytes follow the data"), "{}", stderr(&o));
     let o = eval(&[(i, "p", &shorter), (i, "y", &y)]);
     assert!(stderr(&o).contains("truncated") && stderr(&o).contains("48 bytes"), "{}", stderr(&o));
+    let o = eval(&[(i, "p", &dir), (i, "y", &y)]);
+    assert!(stderr(&o).contains("directory"), "{}", stderr(&o));
     let o = eval(&[(i, "p", &p), (i, "p", &y), (i, "y", &y)]);
     assert!(stderr(&o).contains("--input p is given twice"), "{}", stderr(&o));
     let o = eval(&[(i, "p", &p), (i, "y", &y), (g, "p", &p)]);

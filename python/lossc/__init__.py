@@ -221,7 +221,10 @@ def _params_text(params):
             raise ParamsError(f"{name!r} is not a hyperparameter name")
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
             raise ParamsError(f"hyperparameter `{name}` must be a number, got {value!r}")
-        items.append(f"{name}={float(value)!r}")
+        try:
+            items.append(f"{name}={float(value)!r}")
+        except OverflowError:  # an int past float's range (1e400 as a float is caught by lossc)
+            raise ParamsError(f"hyperparameter `{name}` is too large for a float") from None
     return ",".join(items)
 
 

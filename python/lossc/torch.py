@@ -359,7 +359,8 @@ def _value_and_grad(loss, reference, tensors, wanted):
 
 
 def _to_numpy(t, dtype):
-    t = t.detach()
+    # A negated view (`torch._neg_view`, what some views produce) keeps a bit `numpy()` refuses.
+    t = t.detach().resolve_neg()
     if t.dtype.is_complex:
         raise TypeError(f"lossc takes real numbers, not {t.dtype}")
     if t.is_floating_point() or t.dtype == torch.bool:

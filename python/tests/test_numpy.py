@@ -347,7 +347,7 @@ class Errors(unittest.TestCase):
             lossc.Loss("dcie")
         with self.assertRaisesRegex(ValueError, "NUL"):
             lossc.Loss("dice\0junk")
-        for bad in [{"alpha": "0.3"}, {"alpha": True}, {"alpha=0.9,beta": 0.1}]:
+        for bad in [{"alpha": "0.3"}, {"alpha": True}, {"alpha=0.9,beta": 0.1}, {"alpha": 10**400}]:
             with self.assertRaises(lossc.ParamsError):
                 lossc.Loss("tversky", **bad)
 

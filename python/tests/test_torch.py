@@ -126,6 +126,10 @@ class Behaviour(unittest.TestCase):
         (3 * lossc.torch.Loss("bce_logits")(x, y)).backward()
         expected = 3 * (torch.sigmoid(x.detach()) - y) / y.numel()
         self.assertLess((x.grad - expected).abs().max().item(), 1e-5 * expected.abs().max().item())
+        # A negated view carries a bit that `numpy()` refuses; its values are -x.
+        negated = torch._neg_view(x.detach())
+        expected = lossc.torch.Loss("bce_logits")(-x.detach(), y)
+        self.assertAlmostEqual(lossc.torch.Loss("bce_logits")(negated, y).item(), expected.item(), places=6)
 
     def test_a_second_backward_recomputes_and_in_place_changes_are_caught(self):
         x, y = inputs((2, 1, 16, 16))

@@ -135,7 +135,7 @@ const MAX_HEADER: u64 = 10_000;
 fn check_header(path: &Path) -> Result<(), String> {
     let mut file = File::open(path).map_err(|e| e.to_string())?;
     let mut head = [0u8; 12];
-    file.read_exact(&mut head).map_err(|_| "too short for a .npy header".to_string())?;
+    file.read_exact(&mut head).map_err(short_header)?;
     if &head[..6] != b"\x93NUMPY" {
         return Err("not a .npy file (no \\x93NUMPY magic string)".into());
     }
@@ -191,12 +191,21 @@ fn check_header(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// A failed read of the first bytes: too short, or not readable at all (a directory, say).
+fn short_header(e: std::io::Error) -> String {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        "too short for a .npy header".into()
+    } else {
+        e.to_string()
+    }
+}
+
 /// Where the data starts: after the magic string, the version, the header's length (two
 /// bytes in version 1, four in versions 2 and 3) and the header.
 fn data_offset(path: &Path) -> Result<u64, String> {
     let mut head = [0u8; 12];
     let mut file = File::open(path).map_err(|e| e.to_string())?;
-    file.read_exact(&mut head).map_err(|_| "too short for a .npy header".to_string())?;
+    file.read_exact(&mut head).map_err(short_header)?;
     Ok(match head[6] {
         1 => 10 + u64::from(u16::from_le_bytes([head[8], head[9]])),
         _ => 12 + u64::from(u32::from_le_bytes([head[8], head[9], head[10], head[11]])),
