@@ -320,7 +320,7 @@ impl Cx {
 fn rule_name(rule: &Rule) -> &'static str {
     match rule {
         Rule::EOI => "end of input",
-        Rule::file => "a loss definition or an expression",
+        Rule::file => "`loss` definition or expression",
         Rule::loss_def => "`loss` definition",
         Rule::doc | Rule::doc_text => "doc comment",
         Rule::params | Rule::tensor_list | Rule::tensor_param => "parameter name",
@@ -394,6 +394,12 @@ fn parse_error(e: pest::error::Error<Rule>, text: &str, file: FileId) -> Diagnos
     let attempts = e.parse_attempts();
     match e.variant {
         ErrorVariant::ParsingError { positives, negatives } => {
+            // An empty file expects the file rule itself: name what it starts with, as a
+            // file of only whitespace does.
+            let positives: Vec<Rule> = positives
+                .into_iter()
+                .flat_map(|r| if r == Rule::file { vec![Rule::loss_def, Rule::expr] } else { vec![r] })
+                .collect();
             let mut expected: Vec<String> = positives.iter().map(|r| rule_name(r).to_string()).collect();
             if let Some(attempts) = attempts {
                 for t in attempts.expected_tokens() {
