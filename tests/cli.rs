@@ -357,8 +357,14 @@ fn emit_ptx() {
     assert!(o.status.success(), "{}", stderr(&o));
     let text = stdout(&o);
     assert!(text.contains(".target sm_90") && text.contains(".visible .entry lossc_sweep_2("), "{text}");
+    assert!(stderr(&o).is_empty(), "{}", stderr(&o));
     let o = lossc(&["emit", "--ptx", "--classes", "3", "dice_multiclass"]);
     assert!(o.status.success() && stdout(&o).contains("C = 3 classes"), "{}", stderr(&o));
+    assert!(stderr(&o).is_empty(), "{}", stderr(&o));
+    // Without --classes a multiclass loss still gets its kernels, for one class, and a note.
+    let o = lossc(&["emit", "--ptx", "dice_multiclass"]);
+    assert!(o.status.success() && stdout(&o).contains("C = 1 class;"), "{}", stdout(&o));
+    assert!(stderr(&o).contains("works over classes") && stderr(&o).contains("--classes N"), "{}", stderr(&o));
     let o = lossc(&["emit", "--ptx", "lovasz_hinge"]);
     assert!(!o.status.success() && stderr(&o).contains("do not run on the GPU"), "{}", stderr(&o));
     let o = lossc(&["emit", "--ptx", "--sm", "61", "dice"]);

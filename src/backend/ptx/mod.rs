@@ -267,7 +267,8 @@ pub fn emit(loss: &Loss, layout: &Layout, target: Target) -> Result<Program, Err
 /// The module's header: what it is for and how to launch it, as comments.
 fn header(loss: &Loss, layout: &Layout, target: Target, p: &Program) -> String {
     let mut out = format!("// lossc {}: `{}`\n", env!("CARGO_PKG_VERSION"), loss.name());
-    out += &format!("// Specialised to C = {} classes; inputs, in parameter order:\n", layout.classes);
+    let plural = if layout.classes == 1 { "" } else { "es" };
+    out += &format!("// Specialised to C = {} class{plural}; inputs, in parameter order:\n", layout.classes);
     for (i, spec) in loss.inputs().iter().enumerate() {
         let b = if layout.batch_one[i] { "1" } else { "B" };
         let c = if layout.class_one[i] { "1".to_string() } else { "C".to_string() };

@@ -64,9 +64,10 @@ enum Command {
         /// The GPU architecture: 70 (Volta), 80 (Ampere) or 90 (Hopper).
         #[arg(long, default_value = "80")]
         sm: String,
-        /// The class count the kernels are specialised to.
-        #[arg(long, default_value_t = 1)]
-        classes: usize,
+        /// The class count the kernels are specialised to [default: 1; a loss that works over
+        /// classes (softmax, per-class statistics) says so on stderr]
+        #[arg(long)]
+        classes: Option<usize>,
         #[arg(long, default_value = "")]
         params: String,
     },
@@ -154,9 +155,12 @@ fn compile(source: &str, params: &str) -> Result<Loss, Failure> {
     Ok(program(source)?.compile(&lossc::parse_params(params)?)?)
 }
 
-fn emit(source: &str, sm: &str, classes: usize, params: &str) -> Result<(), Failure> {
+fn emit(source: &str, sm: &str, classes: Option<usize>, params: &str) -> Result<(), Failure> {
     let loss = compile(source, params)?;
-    print!("{}", loss.emit_ptx(sm, classes)?.text);
+    if classes.is_none() && bench::probe::multiclass(&loss) {
+        eprintln!("note: `{}` works over classes; these kernels are for 1 class (--classes N for N)", loss.name());
+    }
+    print!("{}", loss.emit_ptx(sm, classes.unwrap_or(1))?.text);
     Ok(())
 }
 
