@@ -369,6 +369,30 @@ fn infinite_logits_give_the_reference_values() {
     }
 }
 
+/// An infinite logit makes the class log-sum-exp infinite, as in the reference: +inf in
+/// another class than the label gives the loss +inf, not NaN (the shifted exponentials
+/// are NaN there, inf - inf, which must not be taken for a NaN input).
+#[test]
+fn infinite_logits_through_the_class_log_sum_exp() {
+    let (c, s) = (3, 8);
+    let mut x: Vec<f32> = (0..c * s).map(|i| ((i * 7) % 11) as f32 / 3.0 - 1.5).collect();
+    let labels: Vec<usize> = (0..s).map(|k| k % c).collect();
+    let mut y = vec![0.0f32; c * s];
+    for (k, &l) in labels.iter().enumerate() {
+        y[l * s + k] = 1.0;
+    }
+    x[((labels[5] + 1) % c) * s + 5] = f32::INFINITY;
+    let views = [View::new([1, c, s], &x), View::new([1, c, s], &y)];
+    let tensors: Vec<Tensor> = views.iter().map(View::to_tensor).collect();
+    let refs: Vec<&Tensor> = tensors.iter().collect();
+    let source = "loss f(x, y) = sum(where(y > 0.5, -log_softmax(x), 0));";
+    let loss = Loss::compile(source, "").expect("compiles");
+    let got = loss.evaluate(&views, &mut [None, None]).expect("evaluates");
+    let (want, _) = loss.eval_grad(&refs).expect("the reference evaluates");
+    assert_eq!(want, f64::INFINITY, "the reference");
+    assert_eq!(got, want, "native {got}, reference {want}");
+}
+
 /// A logit of -inf in a class other than the label (a class masked out) leaves
 /// `cross_entropy_index` finite, as in PyTorch: the label's log-probability is picked with
 /// `where`, not by multiplying every class's by 0 or 1 (0 * -inf is NaN). Checked against

@@ -370,7 +370,8 @@ def _to_numpy(t, dtype):
 
 def _evaluate_cuda(loss, tensors, wanted):
     """`lossc_eval_cuda` on device pointers, on PyTorch's current stream."""
-    inputs = [t.detach().to(torch.float32).contiguous() for t in tensors]
+    # resolve_neg: a negated view's data pointer holds the values before the negation.
+    inputs = [t.detach().resolve_neg().to(torch.float32).contiguous() for t in tensors]
     grads = [torch.empty_like(inputs[i]) for i in wanted]
     n = len(inputs)
     shapes = _lossc._shape_array(tuple([t.shape for t in inputs]))

@@ -1088,23 +1088,25 @@ mod tests {
         }
     }
 
-    /// `exp_nonpositive` on every `stride`-th float from -0 to -inf (denormal results
-    /// included), on +0 and on NaN: within exp's bound, fused or not.
+    /// `exp_nonpositive` on every 89th float from -0 to -inf (denormal results included)
+    /// and on the special values: within exp's bound, fused or not, and bit for bit what
+    /// `exp` gives.
     #[test]
     fn exp_nonpositive_below_zero() {
         for math in [Math::host(), Math::with_fma(false)] {
-            let kernel = unary_kernel(math, Math::exp_nonpositive);
-            let xs: Vec<f32> = ((-0.0f32).to_bits()..=f32::NEG_INFINITY.to_bits())
-                .step_by(89)
-                .map(f32::from_bits)
-                .chain([0.0, -0.0, -87.0, -103.9, -104.0, f32::NEG_INFINITY, f32::NAN])
+            let specials = [0.0, -0.0, -87.0, -103.9, -104.0, -105.0, f32::NEG_INFINITY, f32::NAN];
+            let mut xs: Vec<f32> = specials
+                .into_iter()
+                .chain(((-0.0f32).to_bits()..=f32::NEG_INFINITY.to_bits()).step_by(89).map(f32::from_bits))
                 .collect();
-            let xs = &xs[..xs.len() / 4 * 4];
-            let mut out = vec![0.0; xs.len()];
-            kernel.run(xs, xs, &mut out);
-            for (&x, &got) in xs.iter().zip(&out) {
+            xs.resize(xs.len().div_ceil(4) * 4, -1.0);
+            let (mut out, mut two_step) = (vec![0.0; xs.len()], vec![0.0; xs.len()]);
+            unary_kernel(math, Math::exp_nonpositive).run(&xs, &xs, &mut out);
+            unary_kernel(math, Math::exp).run(&xs, &xs, &mut two_step);
+            for ((&x, &got), &want) in xs.iter().zip(&out).zip(&two_step) {
                 let err = ulp_error(got, f64::from(x).exp());
                 assert!(err <= case("exp").bound(math), "exp_nonpositive({x:e}) = {got:e}: {err} ulp");
+                assert_eq!(got.to_bits(), want.to_bits(), "exp_nonpositive({x:e}) = {got:e}, exp: {want:e}");
             }
         }
     }

@@ -954,11 +954,15 @@ impl Emitter<'_> {
         }
         let l = self.math.log(b, s);
         let r = b.ins().fadd(m, l);
+        // An infinite maximum makes x - m NaN (inf - inf) and so the sum: whether a NaN was
+        // among the inputs is asked of the inputs themselves.
         let inf = math::splat(b, f32::INFINITY);
         let am = math::abs(b, m);
-        let infinite = b.ins().fcmp(FloatCC::Equal, am, inf);
-        let no_nan = b.ins().fcmp(FloatCC::Ordered, s, s);
-        let infinite = b.ins().band(infinite, no_nan);
+        let mut infinite = b.ins().fcmp(FloatCC::Equal, am, inf);
+        for pair in xs.chunks(2) {
+            let no_nan = b.ins().fcmp(FloatCC::Ordered, pair[0], pair[pair.len() - 1]);
+            infinite = b.ins().band(infinite, no_nan);
+        }
         (math::select(b, infinite, m, r), exps, s)
     }
 
