@@ -58,20 +58,12 @@ pub struct Diagnostic {
     pub help: Option<String>,
     /// The call the error was found inside, labelled where it is in the same file (a
     /// user's loss calling another of their own).
-    pub calls: Vec<(Span, String)>,
+    pub call: Option<(Span, String)>,
 }
 
 impl Diagnostic {
     pub fn new(code: &'static str, span: Span, message: impl Into<String>) -> Self {
-        Diagnostic {
-            code,
-            message: message.into(),
-            span,
-            label: String::new(),
-            notes: vec![],
-            help: None,
-            calls: vec![],
-        }
+        Diagnostic { code, message: message.into(), span, label: String::new(), notes: vec![], help: None, call: None }
     }
     pub fn label(mut self, label: impl Into<String>) -> Self {
         self.label = label.into();
@@ -145,7 +137,7 @@ impl Diagnostics {
                 .with_code(d.code)
                 .with_message(&d.message)
                 .with_label(Label::new((name.clone(), start..end)).with_message(&d.label));
-            for (call, label) in d.calls.iter().filter(|(call, _)| call.file == d.span.file) {
+            for (call, label) in d.call.iter().filter(|(call, _)| call.file == d.span.file) {
                 let start = call.start.min(text_len);
                 report = report
                     .with_label(Label::new((name.clone(), start..call.end.clamp(start, text_len))).with_message(label));

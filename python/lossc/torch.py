@@ -298,8 +298,7 @@ def _value_and_grad_cpu(loss, reference, tensors, wanted):
             or t.layout is not _strided
             or not t.is_contiguous()
             or t.is_neg()
-            or _is_wrapped(t)
-            or _is_legacy_batched(t)
+            or _is_batched(t)
         ):
             return None
         p = t.data_ptr()

@@ -495,9 +495,7 @@ impl Lowerer<'_> {
                 // The user's own callee: the error stays where it is, and the call that led
                 // there is labelled too (the shapes and axes it passed caused it); only
                 // the innermost, which a chain of calls would otherwise repeat per level.
-                if d.calls.is_empty() {
-                    d.calls.push((call, format!("in this call of `{name}`")));
-                }
+                d.call.get_or_insert_with(|| (call, format!("in this call of `{name}`")));
                 return d;
             }
             let mut out = Diagnostic::new(d.code, call, d.message.clone())
