@@ -361,6 +361,19 @@ struct Emitter<'a> {
     masks: RefCell<HashMap<Value, Value>>,
 }
 
+/// A sweep whose sums move to loops of their own (`Emitter::split_sums`).
+struct Split {
+    /// What the loop over the run computes: the values written and what they need.
+    writes: Vec<NodeId>,
+    /// What the sums loops compute, from `stash` and the inputs.
+    sums: Vec<NodeId>,
+    /// The sweep's stashed values and the values it writes, read back from their buffers.
+    stash: Vec<(NodeId, usize)>,
+}
+
+/// Sum cells from which a multiclass sweep's sums get loops of their own: 3 sums of 4 classes.
+const SPLIT_CELLS: usize = 12;
+
 /// Positions between moves of the f32 sums into the f64 ones (a multiple of 4 UNROLL).
 const FLUSH: i64 = 64;
 
@@ -529,9 +542,12 @@ impl Emitter<'_> {
             b.def_var(i, next);
             next
         };
+        // A crowded multiclass sweep that writes and sums runs its sums in loops of their own.
+        let split = self.split_sums();
+        let main: &[NodeId] = split.as_ref().map_or(&body, |s| &s.writes);
         // e^-|x| of each logistic argument, one step ahead (see `Emitter::ahead`): the
         // first step's here, each next step's in the step before.
-        let ahead = self.ahead_plan(&body);
+        let ahead = self.ahead_plan(main);
         let mut ahead_vars: Vec<HashMap<(NodeId, usize), Variable>> = vec![HashMap::new(); UNROLL];
         if !ahead.bases.is_empty() {
             let zero = b.ins().iconst(I64, 0);
@@ -551,6 +567,7 @@ impl Emitter<'_> {
         b.ins().jump(outer, &[]);
         b.switch_to_block(outer);
         let iv = b.use_var(i);
+        let run_start = iv;
         let more = b.ins().icmp(IntCC::SignedLessThan, iv, len);
         let stop = b.ins().iadd_imm_s(iv, FLUSH);
         let short = b.ins().icmp(IntCC::SignedLessThan, len, stop);
@@ -581,14 +598,42 @@ impl Emitter<'_> {
                 }
             }
         }
-        let values = self.body(b, &body, &here.0, &here.1, &ats, &seeds)?;
-        self.accumulate(b, &values, &narrow);
+        let values = self.body(b, main, &here.0, &here.1, &ats, &seeds, &self.spec.stashed, None)?;
+        if split.is_none() {
+            self.accumulate(b, &values, &narrow, None);
+        }
         for (v, &at) in values.iter().zip(&ats) {
             self.store(b, v, &here.1, at);
         }
         let next = advance(b, UNROLL);
         let more = b.ins().icmp(IntCC::SignedLessThan, next, stop);
-        b.ins().brif(more, inner, &[], flush_block, &[]);
+        let sums_loops: Vec<Block> = match &split {
+            Some(_) => (0..self.shape.classes).map(|_| b.create_block()).collect(),
+            None => Vec::new(),
+        };
+        b.ins().brif(more, inner, &[], *sums_loops.first().unwrap_or(&flush_block), &[]);
+
+        // The run again, a class at a time: its sums from what the run wrote and the inputs.
+        if let Some(split) = &split {
+            let j = b.declare_var(I64);
+            for (c, &setup) in sums_loops.iter().enumerate() {
+                b.switch_to_block(setup);
+                b.def_var(j, run_start);
+                let step = b.create_block();
+                b.ins().jump(step, &[]);
+                b.switch_to_block(step);
+                let jv = b.use_var(j);
+                let offset = b.ins().ishl_imm_u(jv, 2);
+                let here = self.positions(b, &rows, &write_rows, offset);
+                let values = self.body(b, &split.sums, &here.0, &here.1, &[At(0)], &[], &split.stash, Some(c))?;
+                self.accumulate(b, &values, &narrow, Some(c));
+                let next = b.ins().iadd_imm_s(jv, 4);
+                b.def_var(j, next);
+                let more = b.ins().icmp(IntCC::SignedLessThan, next, stop);
+                let after = sums_loops.get(c + 1).copied().unwrap_or(flush_block);
+                b.ins().brif(more, step, &[], after, &[]);
+            }
+        }
 
         b.switch_to_block(flush_block);
         flush(b);
@@ -611,6 +656,48 @@ impl Emitter<'_> {
         Ok(inner)
     }
 
+    /// Where a multiclass sweep both writes values and sums cheap functions of them and of
+    /// the inputs (multiclass Dice's first sweep: softmax p written, then y p, p and y summed
+    /// per class), the sums move to loops of their own: once a run of positions is written,
+    /// one loop per class reads it back (from L1) with the inputs and sums. The C exps'
+    /// loop then keeps no 3C accumulators in registers, and each sums loop keeps three. The
+    /// sums add the same f32 values in the same order: the results are unchanged, bit for bit.
+    fn split_sums(&self) -> Option<Split> {
+        let g = self.g;
+        if self.shape.classes == 1 || self.spec.sums.is_empty() {
+            return None;
+        }
+        let mut stash = self.spec.stashed.clone();
+        for (w, write) in self.spec.writes.iter().enumerate() {
+            let plain = !(write.sum_classes || write.carry && self.packs(write.node));
+            let known = stash.iter().any(|(v, _)| *v == write.node);
+            if plain && !known && g.constant_value(write.node).is_none() {
+                stash.push((write.node, w));
+            }
+        }
+        let leaves: Vec<NodeId> = stash.iter().map(|(v, _)| *v).collect();
+        let (mut sums, _) = body_and_slots(g, &self.spec.sums, &leaves);
+        let cheap = |id: &NodeId| {
+            leaves.contains(id)
+                || matches!(
+                    g.node(*id).op,
+                    Op::Input { .. } | Op::Neg | Op::Abs | Op::Relu | Op::Add | Op::Sub | Op::Mul | Op::Min | Op::Max
+                )
+        };
+        // Worth a second pass over the run only where the sums crowd out registers and
+        // what they read back replaces real work.
+        let cells: usize = self.spec.cells(g, self.shape.classes).iter().sum();
+        if cells < SPLIT_CELLS || !sums.iter().all(cheap) || stash.len() == self.spec.stashed.len() {
+            return None;
+        }
+        let roots: Vec<NodeId> = self.spec.writes.iter().map(|w| w.node).collect();
+        let own: Vec<NodeId> = self.spec.stashed.iter().map(|(v, _)| *v).collect();
+        let (mut main, _) = body_and_slots(g, &roots, &own);
+        main.sort_by_key(|id| !own.contains(id));
+        sums.sort_by_key(|id| !leaves.contains(id));
+        Some(Split { writes: main, sums, stash })
+    }
+
     /// The addresses of the input rows and of the gradient rows `offset` bytes into the block.
     fn positions(
         &self,
@@ -624,13 +711,16 @@ impl Emitter<'_> {
         (inputs, writes)
     }
 
-    /// Adds each summed value to its f32 accumulator (all four lanes: `flush` drops the
-    /// lanes of a padded run that are not live).
-    fn accumulate(&self, b: &mut FunctionBuilder, values: &[Values], narrow: &[Variable]) {
+    /// Adds each summed value (of class `only`, if given) to its f32 accumulator (all four
+    /// lanes: `flush` drops the lanes of a padded run that are not live).
+    fn accumulate(&self, b: &mut FunctionBuilder, values: &[Values], narrow: &[Variable], only: Option<usize>) {
         let mut vars = narrow.iter();
         for &operand in &self.spec.sums {
             for c in 0..self.classes(operand) {
                 let var = *vars.next().expect("invariant: one accumulator per cell");
+                if only.is_some_and(|k| k != c) {
+                    continue;
+                }
                 let mut v = self.value(&values[0], operand, c);
                 for more in &values[1..] {
                     let w = self.value(more, operand, c);
@@ -683,7 +773,9 @@ impl Emitter<'_> {
         }
     }
 
-    /// Emits every body node at `at`; returns their values by (node, class).
+    /// Emits every body node at `at` (of class `only` along the class axis, if given), with
+    /// the `stash` values loaded from the write buffers; returns their values by (node, class).
+    #[allow(clippy::too_many_arguments)]
     fn body(
         &self,
         b: &mut FunctionBuilder,
@@ -692,6 +784,8 @@ impl Emitter<'_> {
         write_rows: &[Vec<Value>],
         ats: &[At],
         seeds: &[Values],
+        stash: &[(NodeId, usize)],
+        only: Option<usize>,
     ) -> Result<Vec<Values>, String> {
         let g = self.g;
         let mut all: Vec<Values> = vec![HashMap::new(); ats.len()];
@@ -702,8 +796,13 @@ impl Emitter<'_> {
             let node = g.node(id);
             let n = self.classes(id);
             for (copy, (values, &at)) in all.iter_mut().zip(ats).enumerate() {
-                if let Some(&(_, w)) = self.spec.stashed.iter().find(|(v, _)| *v == id) {
-                    for c in 0..n {
+                // The classes to compute: all, or `only` (of a node along the class axis).
+                let classes = match only {
+                    Some(c) if n > 1 => c..c + 1,
+                    _ => 0..n,
+                };
+                if let Some(&(_, w)) = stash.iter().find(|(v, _)| *v == id) {
+                    for c in classes {
                         let list = &write_rows[w];
                         let stored = load(b, list[c.min(list.len() - 1)], at);
                         if self.packs(id) {
@@ -769,7 +868,7 @@ impl Emitter<'_> {
                         }
                     }
                     Op::Input { index, .. } => {
-                        for c in 0..n {
+                        for c in classes {
                             let (row, fixed) = rows[&(index as usize, c)];
                             let v = if fixed {
                                 let x = b.ins().load(F32, data(), row, 0);
@@ -811,7 +910,7 @@ impl Emitter<'_> {
                         values.insert((id, 0), v);
                     }
                     op => {
-                        for c in 0..n {
+                        for c in classes {
                             let args: Vec<Value> = node.args.iter().map(|&a| self.value(values, a, c)).collect();
                             let v = self.elementwise(b, op, &node.args, &args)?;
                             values.insert((id, c), v);
@@ -904,7 +1003,7 @@ impl Emitter<'_> {
             here.1.iter().map(|list| list.iter().map(|&row| b.ins().iadd(row, step)).collect()).collect();
         let ats: Vec<At> = (0..UNROLL).map(|u| At(16 * u as i32)).collect();
         let none = vec![HashMap::new(); UNROLL];
-        let values = self.body(b, &ahead.body, &rows, &writes, &ats, &none)?;
+        let values = self.body(b, &ahead.body, &rows, &writes, &ats, &none, &self.spec.stashed, None)?;
         Ok(values
             .iter()
             .map(|values| {
