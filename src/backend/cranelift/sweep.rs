@@ -661,7 +661,9 @@ impl Emitter<'_> {
     /// per class), the sums move to loops of their own: once a run of positions is written,
     /// one loop per class reads it back (from L1) with the inputs and sums. The C exps'
     /// loop then keeps no 3C accumulators in registers, and each sums loop keeps three. The
-    /// sums add the same f32 values in the same order: the results are unchanged, bit for bit.
+    /// sums add the same f32 values in the same order, except that a sigmoid carried packed
+    /// is read back as the gradient sweep reads it (1 - sigmoid(-x) for x >= 0, within an
+    /// ulp of the value computed).
     fn split_sums(&self) -> Option<Split> {
         let g = self.g;
         if self.shape.classes == 1 || self.spec.sums.is_empty() {
@@ -669,7 +671,7 @@ impl Emitter<'_> {
         }
         let mut stash = self.spec.stashed.clone();
         for (w, write) in self.spec.writes.iter().enumerate() {
-            let plain = !(write.sum_classes || write.carry && self.packs(write.node));
+            let plain = !write.sum_classes;
             let known = stash.iter().any(|(v, _)| *v == write.node);
             if plain && !known && g.constant_value(write.node).is_none() {
                 stash.push((write.node, w));
