@@ -280,6 +280,21 @@ fn c_threads_share_one_loss() {
     run(&mut Command::new(exe));
 }
 
+/// More than 2^31 elements through the C ABI: value and every gradient element right
+/// (64-bit indexing in the runtime and the kernels). Needs 17 GiB of memory and about four
+/// minutes (the C check is built without optimisation):
+/// `cargo test --release --test c_abi -- --ignored past_two`.
+#[test]
+#[ignore = "needs 17 GiB of memory"]
+fn c_client_past_two_to_the_31() {
+    if !tools(&["cc"]) {
+        return;
+    }
+    let exe = scratch("huge").join("huge");
+    build("cc", C_FLAGS, &["tests/c/huge.c"], &exe, false);
+    run(&mut Command::new(exe));
+}
+
 // ---------------------------------------------------------------------------
 // The minimal example, pkg-config, the trainer, ctypes.
 // ---------------------------------------------------------------------------
