@@ -25,9 +25,13 @@ pub fn differentiate(g: &mut Graph, root: NodeId, inputs: &[NodeId]) -> Vec<Opti
         let Some(&adj) = adjoint.get(&id) else {
             continue;
         };
-        let args = g.node(id).args.clone();
+        let node = g.node(id);
+        let args = node.args.clone();
+        // An elementwise node's terms stand for its whole extent, even where they vary
+        // over fewer axes than it does (a constant adjoint such as a mean's 1/N).
+        let spans = (node.op.is_elementwise() && node.space == Space::Elements).then_some(node.axes);
         for (arg, term) in local_gradients(g, id, adj) {
-            let term = reduce_to(g, term, args[arg]);
+            let term = reduce_to(g, term, args[arg], spans);
             let total = match adjoint.get(&args[arg]) {
                 Some(&prev) => g.add(Op::Add, &[prev, term]),
                 None => term,
@@ -38,18 +42,24 @@ pub fn differentiate(g: &mut Graph, root: NodeId, inputs: &[NodeId]) -> Vec<Opti
     inputs.iter().map(|i| adjoint.get(i).copied()).collect()
 }
 
-/// Sums a gradient term over the axes its target does not vary over
-/// (the adjoint of broadcasting).
-fn reduce_to(g: &mut Graph, term: NodeId, target: NodeId) -> NodeId {
+/// Sums a gradient term over the axes its target does not vary over (the adjoint of
+/// broadcasting). `spans`: the axes the term stands for, if more than its own: summed over
+/// an axis it is constant along, it counts that axis's extent times (d mean(x + s) / ds = 1,
+/// not 1/N).
+fn reduce_to(g: &mut Graph, term: NodeId, target: NodeId, spans: Option<AxisSet>) -> NodeId {
     let t = g.node(target);
+    let target_axes = t.axes;
     let extra = match (g.space(term), t.space) {
         (Space::Sorted(_), Space::Elements) => AxisSet::ALL.minus(t.axes),
         _ => g.axes(term).minus(t.axes),
     };
-    if extra.is_empty() {
-        term
+    let constant_along = spans.map_or(AxisSet::NONE, |s| s.minus(target_axes).minus(g.axes(term)));
+    let summed = if extra.is_empty() { term } else { g.add(Op::Sum(extra), &[term]) };
+    if constant_along.is_empty() {
+        summed
     } else {
-        g.add(Op::Sum(extra), &[term])
+        let count = g.add(Op::Extent(constant_along), &[]);
+        g.add(Op::Mul, &[summed, count])
     }
 }
 
@@ -151,10 +161,19 @@ fn local_gradients(g: &mut Graph, id: NodeId, a: NodeId) -> Vec<(usize, NodeId)>
                 vec![(0, b.mul(a, count))]
             }
         }
-        Op::LogSumExp(_) => {
+        Op::LogSumExp(over) => {
             let d = b.op(Op::Sub, &[x0, id]);
             let w = b.op(Op::Exp, &[d]);
-            vec![(0, b.mul(a, w))]
+            let term = b.mul(a, w);
+            // As for a sum: each weight e^(x - lse) is 1/extent along axes x is constant along.
+            let arg = b.g.node(x0);
+            let missing = if arg.space == Space::Elements { over.minus(arg.axes) } else { AxisSet::NONE };
+            if missing.is_empty() {
+                vec![(0, term)]
+            } else {
+                let count = b.op(Op::Extent(missing), &[]);
+                vec![(0, b.mul(term, count))]
+            }
         }
         // A value constant within each group is the same in any order.
         Op::Gather => {

@@ -175,6 +175,22 @@ fn check_shapes(src: &str, shapes: &[[usize; 3]], seed: u64) {
     }
 }
 
+/// A value broadcast inside an elementwise op whose adjoint is constant along the
+/// broadcast axes (a mean's 1/N): its gradient sums the adjoint over those axes, N times.
+#[test]
+fn broadcast_values_under_constant_adjoints() {
+    let seed = rand::random();
+    let s = [2, 3, 5];
+    check_shapes("mean(x + sum(y))", &[s, s], seed);
+    check_shapes("sum(sum(x, by = (batch, spatial)) + y)", &[s, s], seed);
+    check_shapes("sum(x - mean(x)) + mean(x * x)", &[s], seed);
+    check_shapes("mean(exp(x) + mean(y) ^ 2)", &[s, s], seed);
+    check_shapes("loss f(x, t[batch, spatial]) = sum(x + t);", &[s, [2, 1, 5]], seed);
+    check_shapes("loss f(x, w[class]) = sum(x * x + w);", &[s, [1, 3, 1]], seed);
+    check_shapes("mean(log_softmax(x))", &[s], seed);
+    check_shapes("loss f(x, m[batch, spatial]) = -mean(log_softmax(x), mask = m);", &[s, [2, 1, 5]], seed);
+}
+
 /// Inputs given with extent 1 along an axis they may vary over are used once per
 /// element there; their gradient sums those uses.
 #[test]

@@ -241,6 +241,25 @@ fn very_long_user_losses() {
     compare(&loss, &inputs, &[true, true], "a chain of 600 sigmoids").unwrap_or_else(|e| panic!("seed {seed}: {e}"));
 }
 
+/// Values broadcast under a constant adjoint (see gradcheck's test of the same name): the
+/// kernels agree with the reference.
+#[test]
+fn broadcast_values_under_constant_adjoints() {
+    let seed = common::seed();
+    let mut rng = Rng::new(seed);
+    for (src, shapes) in [
+        ("mean(x + sum(y)) + mean(x * y)", vec![[2, 3, 1001], [2, 3, 1001]]),
+        ("0.5 * dice_multiclass(x, y) + 0.1 * mean(log_softmax(x))", vec![[2, 4, 1001], [2, 4, 1001]]),
+        ("loss f(x, w[class]) = mean(sigmoid(x) + w);", vec![[2, 3, 1001], [1, 3, 1]]),
+    ] {
+        let loss = Loss::compile(src, "").expect("compiles");
+        let inputs: Vec<Tensor> =
+            shapes.iter().map(|&s| Tensor::new(s, (0..s.iter().product()).map(|_| rng.normal()).collect())).collect();
+        let all = vec![true; inputs.len()];
+        compare(&loss, &inputs, &all, src).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+    }
+}
+
 #[test]
 fn broadcast_inputs() {
     let seed = common::seed();
