@@ -1,10 +1,13 @@
 """The NumPy layer against hand-written float64 formulas (from the papers, not from
 lossc's sources), against finite differences, and on bad input."""
 
+import os
 import pickle
 import re
+import signal
 import tempfile
 import threading
+import time
 import unittest
 from pathlib import Path
 
@@ -318,6 +321,34 @@ class Interface(unittest.TestCase):
         for value, (grad,) in results:
             self.assertEqual(value, first)
             self.assertTrue(np.array_equal(grad, g))
+
+    @unittest.skipUnless(hasattr(os, "fork"), "needs fork")
+    def test_a_forked_child_evaluates(self):
+        # rayon's pool has no threads in a forked child (a multiprocessing or DataLoader
+        # worker): lossc gives the child a pool of its own instead of waiting forever.
+        loss = lossc.Loss("dice")
+        p, y = RNG.random(1 << 20).astype(np.float32), masks((1 << 20,))
+        first = loss(p, y)  # a parallel evaluation before the fork
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                values = (loss(p, y), lossc.Loss("bce_logits")(p, y))
+                os.write(write, " ".join(v.hex() for v in values).encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+        deadline = time.monotonic() + 60
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                self.fail("the forked child hangs")
+            time.sleep(0.05)
+        with os.fdopen(read) as f:
+            value, other = map(float.fromhex, f.read().split())
+        self.assertEqual(value, first)
+        self.assertAlmostEqual(other, lossc.Loss("bce_logits")(p, y), places=12)
 
     def test_pickles_by_its_text(self):
         loss = lossc.Loss("focal", gamma=3)

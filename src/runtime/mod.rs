@@ -48,6 +48,9 @@ pub fn evaluate(
     if backend == Backend::Interp {
         return reference(loss, inputs, grads);
     }
+    if let Some(pool) = forked_pool() {
+        return pool.install(|| jit(loss, inputs, ext, grads));
+    }
     let elements = ext.iter().product::<usize>();
     // Called from outside the thread pool (a trainer's thread, the C ABI), each parallel
     // loop wakes the pool's threads and waits for them, about 0.1 ms here: moving the
@@ -73,6 +76,31 @@ pub fn threads_from_environment() -> Option<(&'static str, usize)> {
         Some((_, 0)) => None,
         Some(asked) => Some(asked),
         None => read("RAYON_RS_NUM_CPUS").filter(|&(_, n)| n > 0),
+    }
+}
+
+/// In a process forked from one where lossc ran (a `multiprocessing` or DataLoader
+/// worker), a pool of its own: rayon's global pool keeps the parent's state but none of
+/// its threads, so work sent there would wait forever. `None` in the process that first
+/// ran lossc, which uses the global pool.
+fn forked_pool() -> Option<&'static rayon::ThreadPool> {
+    static FIRST: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    static OWN: std::sync::Mutex<Option<(u32, &'static rayon::ThreadPool)>> = std::sync::Mutex::new(None);
+    let pid = std::process::id();
+    if *FIRST.get_or_init(|| pid) == pid {
+        return None;
+    }
+    let mut own = OWN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    match *own {
+        Some((owner, pool)) if owner == pid => Some(pool),
+        _ => {
+            let threads = threads_from_environment().map_or(0, |(_, n)| n.min(MAX_THREADS));
+            // Leaked: one per forked process, and a pool copied from a parent cannot be dropped.
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().ok()?;
+            let pool: &'static rayon::ThreadPool = Box::leak(Box::new(pool));
+            *own = Some((pid, pool));
+            Some(pool)
+        }
     }
 }
 
