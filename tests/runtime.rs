@@ -122,3 +122,40 @@ fn an_outer_product_broadcast_is_an_error_not_an_abort() {
         assert!(message.contains("[4194304, 1, 4194304]") && message.contains("full shape"), "{name}: {message}");
     }
 }
+
+/// What the kernels cannot take runs on the interpreters rather than failing: a loss with
+/// more values per position than the kernels take (thousands of `let`s), and reductions
+/// across the batch that keep positions (which the per-block interpreter cannot run
+/// either: the whole-tensor one does).
+#[test]
+fn what_the_kernels_cannot_take_runs_on_the_interpreters() {
+    let seed: u64 = rand::random();
+    let mut rng = Rng::new(seed);
+    let mut long = String::from("loss chain(x) {\n  let a0 = x;\n");
+    for i in 1..2000 {
+        long += &format!("  let a{i} = a{} * 0.999 + x * {i};\n", i - 1);
+    }
+    long += "  mean(a1999 * a1999) / 1e12\n}";
+    for (src, ext, why) in [
+        (long.as_str(), [2, 16, 50], "values per position"),
+        ("sum(exp(mean(x, by = spatial)))", [3, 4, 70], "over elements"),
+        ("sum(sum(x, by = (class, spatial)) ^ 2) + mean(x * x)", [3, 4, 70], "over elements"),
+    ] {
+        let loss = Loss::compile(src, "").unwrap_or_else(|e| panic!("{e}"));
+        let x: Vec<f32> = (0..ext.iter().product::<usize>()).map(|_| rng.normal() as f32).collect();
+        let views = [View::new(ext, &x)];
+        match runtime::engine(&loss, &views, ext, &[true]) {
+            runtime::Engine::Blocked(reason) => assert!(reason.contains(why), "{reason}"),
+            other => panic!("{src}: {other:?}"),
+        }
+        let mut dx = vec![f32::NAN; x.len()];
+        let got = loss.evaluate(&views, &mut [Some(&mut dx)]).unwrap_or_else(|e| panic!("{src}: {e}"));
+        let t = Tensor::new(ext, x.iter().map(|&v| f64::from(v)).collect());
+        let (want, grads) = loss.eval_grad(&[&t]).expect("reference");
+        assert!((got - want).abs() <= 1e-9 * want.abs(), "{src} (seed {seed}): {got} vs {want}");
+        let scale = grads[0].data.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        for (k, (a, b)) in dx.iter().zip(&grads[0].data).enumerate() {
+            assert!((f64::from(*a) - b).abs() <= 1e-6 * scale, "{src} (seed {seed}): d/dx[{k}] = {a} vs {b}");
+        }
+    }
+}

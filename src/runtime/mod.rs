@@ -128,16 +128,37 @@ fn jit(loss: &Loss, inputs: &[View], ext: [usize; 3], grads: &mut [Option<&mut [
     match engine(loss, inputs, ext, &want) {
         Engine::Native => {
             ensure_memory(ext, native_bytes(ext), "the native engine's block partials")?;
-            native::evaluate(loss, inputs, ext, grads)
+            // `Unsupported` comes only from compiling, before any gradient is written.
+            match native::evaluate(loss, inputs, ext, grads) {
+                Err(Error::Unsupported(_)) => blocked_or_reference(loss, inputs, ext, grads),
+                done => done,
+            }
         }
         Engine::Sorted => {
             ensure_memory(ext, SORTED_BYTES_PER_ELEMENT * n, "the sort and its scans")?;
             sorted::evaluate(loss, inputs, ext, grads)
         }
-        Engine::Blocked(_) => {
-            ensure_memory(ext, native_bytes(ext), "the per-block evaluator's partials")?;
-            reference_blocked(loss, inputs, grads)
+        Engine::Blocked(_) => blocked_or_reference(loss, inputs, ext, grads),
+    }
+}
+
+/// The per-block interpreter, or the whole-tensor one for what it cannot run (a reduction
+/// across the batch that keeps positions).
+fn blocked_or_reference(
+    loss: &Loss,
+    inputs: &[View],
+    ext: [usize; 3],
+    grads: &mut [Option<&mut [f32]>],
+) -> Result<f64, Error> {
+    ensure_memory(ext, native_bytes(ext), "the per-block evaluator's partials")?;
+    match reference_blocked(loss, inputs, grads) {
+        Err(Error::Unsupported(_)) => {
+            // Its inputs in f64 and a few whole-tensor values at a time.
+            let n = ext.iter().map(|&e| e as f64).product::<f64>();
+            ensure_memory(ext, 8.0 * n * (inputs.len() as f64 + 4.0), "the whole-tensor interpreter")?;
+            reference(loss, inputs, grads)
         }
+        done => done,
     }
 }
 
@@ -252,7 +273,7 @@ pub enum Engine {
     Native,
     /// Sort and scans on whole tensors.
     Sorted,
-    /// The f64 interpreter per block, and why.
+    /// The f64 interpreter per block (or on whole tensors, for what it cannot run), and why.
     Blocked(String),
 }
 

@@ -30,13 +30,25 @@ pub const BLOCK: usize = 2048;
 /// The most classes the kernels unroll; more run on the blocked interpreter.
 pub const MAX_CLASSES: usize = 64;
 
+/// The most values (nodes, times the classes of those along the class axis) a loss and
+/// its gradients may compute per position for the kernels; more run on the blocked
+/// interpreter. The stdlib's largest use a few thousand at 64 classes.
+pub const MAX_KERNEL_VALUES: usize = 16_384;
+
 /// Why a loss or a call cannot run natively (the caller falls back), or `None`.
 pub fn unsupported(loss: &Loss, inputs: &[View], ext: [usize; 3], want: &[bool]) -> Option<String> {
     if ext[1] > MAX_CLASSES {
         return Some(format!("more than {MAX_CLASSES} classes"));
     }
     let g = loss.graph();
+    // Kernels of tens of thousands of values (thousands of sums, long chains of lets) take
+    // long to compile and spill more than a thread's stack holds: the per-block
+    // interpreter runs those.
+    let mut size = 0;
     for id in g.reachable(&roots(loss, want)) {
+        if streamed(g, id) {
+            size += if g.axes(id).contains(AxisSet::CLASS) { ext[1] } else { 1 };
+        }
         let n = g.node(id);
         let ok = match n.op {
             Op::Sort { .. } | Op::Gather | Op::Scatter | Op::Cumsum | Op::RevCumsum | Op::Prev(_) | Op::Next => false,
@@ -49,6 +61,9 @@ pub fn unsupported(loss: &Loss, inputs: &[View], ext: [usize; 3], want: &[bool])
         if !ok {
             return Some(format!("`{}` over elements", n.op.name()));
         }
+    }
+    if size > MAX_KERNEL_VALUES {
+        return Some(format!("{size} values per position, more than the kernels take ({MAX_KERNEL_VALUES})"));
     }
     // A gradient is written per position, or summed over positions where the input is
     // broadcast along the spatial axis; blocks of different batch items cannot share positions.
@@ -126,7 +141,18 @@ pub(crate) type Cache = crate::runtime::cache::Cache<Key, Compiled>;
 fn compile(loss: &Loss, key: &Key) -> Result<Compiled, Error> {
     let SweepPlan { sweeps, level, order } = plan(loss, key, PlanOptions { stash: true, write_uniform: false });
     let specs: Vec<SweepSpec> = sweeps.iter().flatten().map(|s| s.spec.clone()).collect();
-    let kernels = sweep::compile(loss.graph(), &specs, &key.shape).map_err(Error::Unsupported)?;
+    // A failure inside the code generator is an error of this loss's kernels, which the
+    // runtime answers with the interpreter, not a crash of the caller.
+    let kernels =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sweep::compile(loss.graph(), &specs, &key.shape)))
+            .unwrap_or_else(|panic| {
+                let why = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned());
+                Err(format!("the code generator failed: {}", why.unwrap_or_else(|| "a panic".into())))
+            })
+            .map_err(Error::Unsupported)?;
     let g = loss.graph();
     let mut tail = vec![Vec::new(); sweeps.len() + 1];
     for id in order.into_iter().filter(|&id| !streamed(g, id)) {
