@@ -51,7 +51,7 @@ def focal(x, y, alpha, gamma):
     p = sigmoid(x)
     ce = y * softplus(-x) + (1 - y) * softplus(x)
     p_t = p * y + (1 - p) * (1 - y)
-    alpha_t = alpha * y + (1 - alpha) * (1 - y)
+    alpha_t = alpha * y + (1 - alpha) * (1 - y) if alpha >= 0 else 1  # torchvision: -1 is off
     return (alpha_t * ce * (1 - p_t) ** gamma).mean()
 
 
@@ -106,6 +106,7 @@ BINARY = [
     ("tversky", {"alpha": 0.3, "beta": 0.7}, lambda p, y: tversky(p, y, 0.3, 0.7), probabilities),
     ("bce_logits", {"pos_weight": 2.5}, lambda x, y: bce_logits(x, y, 2.5), logits),
     ("focal", {"alpha": 0.25, "gamma": 2}, lambda x, y: focal(x, y, 0.25, 2.0), logits),
+    ("focal", {"alpha": -1, "gamma": 1.5}, lambda x, y: focal(x, y, -1, 1.5), logits),
     ("0.5*dice(sigmoid(x), y) + bce_logits(x, y)", {}, lambda x, y: 0.5 * dice(sigmoid(x), y) + bce_logits(x, y), logits),
 ]
 MULTICLASS = [
