@@ -475,6 +475,12 @@ mod tests {
     }
 
     #[test]
+    fn a_leading_byte_order_mark_is_skipped() {
+        assert_eq!(show("\u{feff}mean(x)"), "(mean x)");
+        assert_eq!(show("\u{feff}loss f(x) = x;"), "1 defs");
+    }
+
+    #[test]
     fn power_binds_tighter_than_unary_minus() {
         assert_eq!(show("-x^2"), "(neg (Pow x 2))");
     }
