@@ -28,8 +28,9 @@ pub fn differentiate(g: &mut Graph, root: NodeId, inputs: &[NodeId]) -> Vec<Opti
         let node = g.node(id);
         let args = node.args.clone();
         // An elementwise node's terms stand for its whole extent, even where they vary
-        // over fewer axes than it does (a constant adjoint such as a mean's 1/N).
-        let spans = (node.op.is_elementwise() && node.space == Space::Elements).then_some(node.axes);
+        // over fewer axes than it does (a constant adjoint such as a mean's 1/N; in a
+        // sorted block, a group's adjoint for an outer value added to each element).
+        let spans = node.op.is_elementwise().then_some(node.axes);
         for (arg, term) in local_gradients(g, id, adj) {
             let term = reduce_to(g, term, args[arg], spans);
             let total = match adjoint.get(&args[arg]) {

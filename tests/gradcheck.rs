@@ -189,6 +189,9 @@ fn broadcast_values_under_constant_adjoints() {
     check_shapes("loss f(x, w[class]) = sum(x * x + w);", &[s, [1, 3, 1]], seed);
     check_shapes("mean(log_softmax(x))", &[s], seed);
     check_shapes("loss f(x, m[batch, spatial]) = -mean(log_softmax(x), mask = m);", &[s, [2, 1, 5]], seed);
+    // In a sorted block: an outer value added to each element of a group.
+    check_shapes("mean(sorted (k = x asc, v = y; by = batch) { sum(v + mean(y)) })", &[s, s], seed);
+    check_shapes("sum(sorted (k = x asc, v = y) { sum(cumsum(v) * 0.5 + mean(y) * v) })", &[s, s], seed);
 }
 
 /// Inputs given with extent 1 along an axis they may vary over are used once per

@@ -241,6 +241,31 @@ fn very_long_user_losses() {
     compare(&loss, &inputs, &[true, true], "a chain of 600 sigmoids").unwrap_or_else(|e| panic!("seed {seed}: {e}"));
 }
 
+/// Multiclass sweeps whose sums run in loops of their own after the run is written
+/// (`split_sums`): sums of values an earlier sweep stashed (overwritten by then), and of a
+/// sigmoid written as a gradient (stored plain, not packed), for each set of gradients.
+#[test]
+fn sums_after_the_run_is_written() {
+    let seed = common::seed();
+    let mut rng = Rng::new(seed);
+    for src in [
+        "loss f(x, y) { let p = softmax(x); let s = mean(p * y); let m = mean(p * p); \
+         s * s + mean(sum((p - m) * (p - m), by = class)) }",
+        "loss f(x, y) = sum(y * sigmoid(x)) + mean(sum(sigmoid(x), by = class) ^ 2);",
+        "dice_multiclass",
+        "dice_multilabel",
+    ] {
+        let loss = Loss::compile(src, "").expect("compiles");
+        for classes in [4, 6, 13] {
+            let inputs = synth::inputs(loss.inputs(), [2, classes, 37], &mut rng);
+            for want in [[true, true], [false, true], [true, false]] {
+                compare(&loss, &inputs, &want, &format!("{src} at C = {classes}, {want:?}"))
+                    .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+            }
+        }
+    }
+}
+
 /// Values broadcast under a constant adjoint (see gradcheck's test of the same name): the
 /// kernels agree with the reference.
 #[test]

@@ -45,10 +45,13 @@ pub fn evaluate(
 ) -> Result<f64, Error> {
     let ext = check(loss, inputs, grads)?;
     cap_threads();
+    // Asked on every call, the interpreter's too, so that the first process is known
+    // before a fork whatever ran first.
+    let forked = forked_pool();
     if backend == Backend::Interp {
         return reference(loss, inputs, grads);
     }
-    if let Some(pool) = forked_pool() {
+    if let Some(pool) = forked {
         return pool.install(|| jit(loss, inputs, ext, grads));
     }
     let elements = ext.iter().product::<usize>();
@@ -82,7 +85,8 @@ pub fn threads_from_environment() -> Option<(&'static str, usize)> {
 /// In a process forked from one where lossc ran (a `multiprocessing` or DataLoader
 /// worker), a pool of its own: rayon's global pool keeps the parent's state but none of
 /// its threads, so work sent there would wait forever. `None` in the process that first
-/// ran lossc, which uses the global pool.
+/// ran lossc, which uses the global pool. (A host that started rayon's global pool itself
+/// before its first lossc call, and forks then, is not recognised.)
 fn forked_pool() -> Option<&'static rayon::ThreadPool> {
     static FIRST: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
     static OWN: std::sync::Mutex<Option<(u32, &'static rayon::ThreadPool)>> = std::sync::Mutex::new(None);

@@ -367,7 +367,7 @@ struct Split {
     writes: Vec<NodeId>,
     /// What the sums loops compute, from `stash` and the inputs.
     sums: Vec<NodeId>,
-    /// The sweep's stashed values and the values it writes, read back from their buffers.
+    /// The values the run writes, read back from their buffers.
     stash: Vec<(NodeId, usize)>,
 }
 
@@ -669,16 +669,29 @@ impl Emitter<'_> {
         if self.shape.classes == 1 || self.spec.sums.is_empty() {
             return None;
         }
-        let mut stash = self.spec.stashed.clone();
+        // Each buffer must hold one value: two writes into one leave only the last.
+        let mut buffers: Vec<usize> = self.spec.writes.iter().map(|w| w.input).collect();
+        buffers.sort_unstable();
+        if buffers.windows(2).any(|pair| pair[0] == pair[1]) {
+            return None;
+        }
+        // What the run leaves in the write buffers, stored as `body` loads a stash (a
+        // sigmoid packed only where it is carried).
+        let mut stash: Vec<(NodeId, usize)> = Vec::new();
         for (w, write) in self.spec.writes.iter().enumerate() {
-            let plain = !write.sum_classes;
+            let as_stored = write.carry || !self.packs(write.node);
             let known = stash.iter().any(|(v, _)| *v == write.node);
-            if plain && !known && g.constant_value(write.node).is_none() {
+            if !write.sum_classes && as_stored && !known && g.constant_value(write.node).is_none() {
                 stash.push((write.node, w));
             }
         }
         let leaves: Vec<NodeId> = stash.iter().map(|(v, _)| *v).collect();
-        let (mut sums, _) = body_and_slots(g, &self.spec.sums, &leaves);
+        // Values an earlier sweep stashed are gone by then (the run overwrote them with
+        // gradients): sums that need one stay in the run's loop.
+        let own: Vec<NodeId> = self.spec.stashed.iter().map(|(v, _)| *v).collect();
+        let mut bounds = leaves.clone();
+        bounds.extend(own.iter().filter(|v| !leaves.contains(v)));
+        let (mut sums, _) = body_and_slots(g, &self.spec.sums, &bounds);
         let cheap = |id: &NodeId| {
             leaves.contains(id)
                 || matches!(
@@ -689,11 +702,11 @@ impl Emitter<'_> {
         // Worth a second pass over the run only where the sums crowd out registers and
         // what they read back replaces real work.
         let cells: usize = self.spec.cells(g, self.shape.classes).iter().sum();
-        if cells < SPLIT_CELLS || !sums.iter().all(cheap) || stash.len() == self.spec.stashed.len() {
+        let gone = |id: &NodeId| own.contains(id) && !leaves.contains(id);
+        if cells < SPLIT_CELLS || leaves.is_empty() || sums.iter().any(gone) || !sums.iter().all(cheap) {
             return None;
         }
         let roots: Vec<NodeId> = self.spec.writes.iter().map(|w| w.node).collect();
-        let own: Vec<NodeId> = self.spec.stashed.iter().map(|(v, _)| *v).collect();
         let (mut main, _) = body_and_slots(g, &roots, &own);
         main.sort_by_key(|id| !own.contains(id));
         sums.sort_by_key(|id| !leaves.contains(id));
