@@ -151,30 +151,14 @@ fn local_gradients(g: &mut Graph, id: NodeId, a: NodeId) -> Vec<(usize, NodeId)>
             let c = n.args[0];
             vec![(1, b.op(Op::Select, &[c, a, zero])), (2, b.op(Op::Select, &[c, zero, a]))]
         }
-        Op::Sum(over) => {
-            // Summing a broadcast value over an axis it does not vary over counts it extent times.
-            let arg = b.g.node(x0);
-            let missing = if arg.space == Space::Elements { over.minus(arg.axes) } else { AxisSet::NONE };
-            if missing.is_empty() {
-                vec![(0, a)]
-            } else {
-                let count = b.op(Op::Extent(missing), &[]);
-                vec![(0, b.mul(a, count))]
-            }
-        }
+        // Summing a broadcast value over an axis it does not vary over counts it extent times.
+        Op::Sum(over) => vec![(0, b.times_broadcast(a, x0, over))],
         Op::LogSumExp(over) => {
+            // As for a sum: each weight e^(x - lse) is 1/extent along axes x is constant along.
             let d = b.op(Op::Sub, &[x0, id]);
             let w = b.op(Op::Exp, &[d]);
             let term = b.mul(a, w);
-            // As for a sum: each weight e^(x - lse) is 1/extent along axes x is constant along.
-            let arg = b.g.node(x0);
-            let missing = if arg.space == Space::Elements { over.minus(arg.axes) } else { AxisSet::NONE };
-            if missing.is_empty() {
-                vec![(0, term)]
-            } else {
-                let count = b.op(Op::Extent(missing), &[]);
-                vec![(0, b.mul(term, count))]
-            }
+            vec![(0, b.times_broadcast(term, x0, over))]
         }
         // A value constant within each group is the same in any order.
         Op::Gather => {
@@ -201,6 +185,18 @@ struct Builder<'a> {
 }
 
 impl Builder<'_> {
+    /// `term` times the extent of the axes of `over` that `arg` does not vary over.
+    fn times_broadcast(&mut self, term: NodeId, arg: NodeId, over: AxisSet) -> NodeId {
+        let arg = self.g.node(arg);
+        let missing = if arg.space == Space::Elements { over.minus(arg.axes) } else { AxisSet::NONE };
+        if missing.is_empty() {
+            term
+        } else {
+            let count = self.op(Op::Extent(missing), &[]);
+            self.mul(term, count)
+        }
+    }
+
     fn op(&mut self, op: Op, args: &[NodeId]) -> NodeId {
         self.g.add(op, args)
     }
